@@ -1,0 +1,433 @@
+//! The configuration model: one struct per section of `outpost.toml`.
+//!
+//! Every struct denies unknown keys (a typo is an error with a did-you-mean, never silently
+//! ignored), durations are humantime strings (`"30s"`, `"250ms"`) and sizes are byte counts or
+//! strings such as `"10 MiB"`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The whole node configuration, as read from one TOML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Format version, so a future incompatible format is refused instead of misread.
+    pub version: u32,
+    /// Who this node is and where it stands; the location is the fallback client location.
+    pub node: Node,
+    /// Public listeners; a node needs at least one.
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    /// The operator's listener (metrics, health, later purge and deploys).
+    #[serde(default)]
+    pub admin: Admin,
+    /// Log format and the access log switch.
+    #[serde(default)]
+    pub log: Log,
+    /// Limits and timeouts that protect the node from slow or oversized clients.
+    #[serde(default)]
+    pub server: Server,
+    /// How the node decides where a client is, which drives nearest-origin selection.
+    #[serde(default)]
+    pub client_location: ClientLocation,
+    /// Named origin groups; routes refer to them by name.
+    #[serde(default)]
+    pub origins: BTreeMap<String, OriginGroup>,
+    /// Routes, matched by host and longest path prefix.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Directory of the config file, for resolving relative paths; not part of the TOML.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// A point on Earth in decimal degrees.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeoPoint {
+    /// Latitude, −90 to 90.
+    pub lat: f64,
+    /// Longitude, −180 to 180.
+    pub lon: f64,
+}
+
+/// Identity of this edge node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// Stable node name, shown in `X-Served-By`, `Via` and logs.
+    pub id: String,
+    /// Region label of the node (free text, e.g. `ap-northeast`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Where the node stands; used when nothing better is known about a client.
+    pub location: GeoPoint,
+}
+
+/// One public listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// `ip:port` to bind; port 0 picks a free port (tests).
+    pub addr: String,
+    /// Serve HTTPS with these PEM files; ALPN offers h2 and http/1.1.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+    /// Accept HTTP/2 (h2c prior knowledge on plain listeners, ALPN `h2` on TLS).
+    #[serde(default = "yes")]
+    pub http2: bool,
+}
+
+/// Certificate chain and private key files for a TLS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, leaf first; relative to the config file.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1); relative to the config file.
+    pub key: PathBuf,
+}
+
+/// The admin listener: loopback by default, token required for anything that changes state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// `ip:port` of the admin API.
+    #[serde(default = "default_admin_addr")]
+    pub addr: String,
+    /// Bearer token for mutating admin calls; `OUTPOST_ADMIN_TOKEN` overrides it.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// File holding the token (first line), for secrets kept out of the config.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            addr: default_admin_addr(),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+/// Log output settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// `auto` (JSON when stdout is not a terminal), `json` or `text`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `outpost_proxy=debug,info`; `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// One line per request at info level; off for benchmarks.
+    #[serde(default = "yes")]
+    pub access_log: bool,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::Auto,
+            level: default_log_level(),
+            access_log: true,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when stdout is not a terminal, readable text when it is.
+    #[default]
+    Auto,
+    /// Always one JSON object per line.
+    Json,
+    /// Always human-readable text.
+    Text,
+}
+
+/// Server-wide protections against slow, oversized or malformed clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Largest request head (request line + headers) accepted; larger → 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    /// Most header fields accepted in one request; more → 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// A client must send its whole request head within this time (slowloris guard).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request body for routes that do not set their own; larger → 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: ByteSize,
+    /// On SIGTERM, how long in-flight requests may take to finish before the node exits.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Most concurrent client connections; beyond this, new connections wait in the kernel backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            header_read_timeout: default_header_read_timeout(),
+            max_body_bytes: default_max_body_bytes(),
+            drain_timeout: default_drain_timeout(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+/// Where client locations come from, in order: trusted headers, the network table, the node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientLocation {
+    /// Peers whose `X-Forwarded-For`, location and request-id headers are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Header carrying the client's latitude (trusted peers only).
+    #[serde(default = "default_lat_header")]
+    pub lat_header: String,
+    /// Header carrying the client's longitude (trusted peers only).
+    #[serde(default = "default_lon_header")]
+    pub lon_header: String,
+    /// Header carrying the client's ISO 3166-1 alpha-2 country (trusted peers only).
+    #[serde(default = "default_country_header")]
+    pub country_header: String,
+    /// Known networks and where they are, for clients that come without trusted headers.
+    #[serde(default)]
+    pub networks: Vec<Network>,
+}
+
+impl Default for ClientLocation {
+    fn default() -> Self {
+        ClientLocation {
+            trusted_proxies: Vec::new(),
+            lat_header: default_lat_header(),
+            lon_header: default_lon_header(),
+            country_header: default_country_header(),
+            networks: Vec::new(),
+        }
+    }
+}
+
+/// A CIDR block and where its clients are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// The block, e.g. `203.0.113.0/24`; the most specific block wins.
+    pub cidr: IpNet,
+    /// Where the block's clients are.
+    pub location: GeoPoint,
+    /// ISO country code of the block, if known.
+    #[serde(default)]
+    pub country: Option<String>,
+}
+
+/// A named set of origin endpoints serving the same application in different regions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginGroup {
+    /// Protocol spoken to the endpoints.
+    #[serde(default)]
+    pub protocol: OriginProtocol,
+    /// Time allowed to open a TCP connection; a failure here moves to the next-nearest endpoint.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed from sending the request to receiving the response head → 504 after it.
+    #[serde(default = "default_response_timeout", with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Most idle pooled connections kept per endpoint.
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_endpoint: usize,
+    /// Active health checks; without this section only passive ejection applies.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    /// Passive ejection of endpoints that fail in live traffic.
+    #[serde(default)]
+    pub passive: Passive,
+    /// The endpoints; at least one.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Protocol spoken to an origin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OriginProtocol {
+    /// HTTP/1.1 with keep-alive.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c); one multiplexed connection per endpoint.
+    H2,
+}
+
+/// Active health check settings of an origin group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Path requested with GET; a 2xx answer counts as healthy.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Time between checks of one endpoint.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Time a check may take before it counts as failed.
+    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring an unhealthy endpoint back.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take a healthy endpoint out.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+/// Passive ejection: live-traffic failures take an endpoint out for a while.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Passive {
+    /// Consecutive connect failures, timeouts or 502/503/504 answers that eject; 0 disables.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// How long an ejected endpoint is skipped before it gets traffic again.
+    #[serde(default = "default_ejection_time", with = "humantime_serde")]
+    pub ejection_time: Duration,
+}
+
+impl Default for Passive {
+    fn default() -> Self {
+        Passive {
+            consecutive_failures: default_consecutive_failures(),
+            ejection_time: default_ejection_time(),
+        }
+    }
+}
+
+/// One regional deployment of an origin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// `http://host:port`, no path.
+    pub url: String,
+    /// Region label, reported in logs and used by residency rules.
+    pub region: String,
+    /// Where the endpoint is; the nearest healthy endpoint to the client is chosen.
+    pub location: GeoPoint,
+}
+
+/// A route: which requests go where.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Unique name; the `route` label on metrics and the access log.
+    pub name: String,
+    /// Host to match: exact (`shop.example.com`), wildcard (`*.example.com`) or absent for any.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix to match on segment boundaries; the longest match wins.
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    /// Origin group that serves the route.
+    pub origin: String,
+    /// Remove the prefix before forwarding (and send `X-Forwarded-Prefix`).
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Response timeout for this route, overriding the origin group's.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Largest request body for this route, overriding `[server] max_body_bytes`.
+    #[serde(default)]
+    pub max_body_bytes: Option<ByteSize>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_admin_addr() -> String {
+    "127.0.0.1:9901".to_owned()
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize::kib(64)
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_body_bytes() -> ByteSize {
+    ByteSize::mib(100)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_lat_header() -> String {
+    "x-user-lat".to_owned()
+}
+fn default_lon_header() -> String {
+    "x-user-lon".to_owned()
+}
+fn default_country_header() -> String {
+    "x-user-country".to_owned()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_pool_max_idle() -> usize {
+    64
+}
+fn default_health_path() -> String {
+    "/healthz".to_owned()
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_ejection_time() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_path_prefix() -> String {
+    "/".to_owned()
+}

@@ -1,0 +1,446 @@
+//! The validation pass: what serde types cannot express, checked on the parsed model.
+//!
+//! Each check yields a [`Problem`] carrying the key path of the offending value; the
+//! diagnostics module turns the path into a `file:line:col`. All problems are collected, not
+//! just the first, so one `outpost check` run shows everything to fix.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+
+use crate::diagnostics::did_you_mean;
+use crate::model::{Config, GeoPoint};
+
+/// One step of a key path into the TOML document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathSeg {
+    /// A table key.
+    Key(String),
+    /// An array index.
+    Index(usize),
+}
+
+/// A validation failure before it is located in the source.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// Key path of the value at fault (`routes`, 1, `origin`).
+    pub path: Vec<PathSeg>,
+    /// What is wrong.
+    pub message: String,
+    /// Short text under the caret.
+    pub label: String,
+    /// How to fix it.
+    pub help: Option<String>,
+}
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+fn path(segs: &[&dyn AsSeg]) -> Vec<PathSeg> {
+    segs.iter().map(|s| s.as_seg()).collect()
+}
+
+trait AsSeg {
+    fn as_seg(&self) -> PathSeg;
+}
+impl AsSeg for &str {
+    fn as_seg(&self) -> PathSeg {
+        PathSeg::Key((*self).to_owned())
+    }
+}
+impl AsSeg for String {
+    fn as_seg(&self) -> PathSeg {
+        PathSeg::Key(self.clone())
+    }
+}
+impl AsSeg for usize {
+    fn as_seg(&self) -> PathSeg {
+        PathSeg::Index(*self)
+    }
+}
+
+impl Checker {
+    fn report(&mut self, path: Vec<PathSeg>, message: String, label: &str, help: Option<String>) {
+        self.problems.push(Problem {
+            path,
+            message,
+            label: label.to_owned(),
+            help,
+        });
+    }
+
+    fn name(&mut self, p: Vec<PathSeg>, what: &str, name: &str) {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            self.report(
+                p,
+                format!("invalid {what} `{name}`"),
+                "not a valid name",
+                Some("use 1-64 characters from a-z, A-Z, 0-9, '-', '_' and '.'".to_owned()),
+            );
+        }
+    }
+
+    fn point(&mut self, p: Vec<PathSeg>, g: &GeoPoint) {
+        if !(-90.0..=90.0).contains(&g.lat) || !(-180.0..=180.0).contains(&g.lon) {
+            self.report(
+                p,
+                format!("location ({}, {}) is not on Earth", g.lat, g.lon),
+                "out of range",
+                Some(
+                    "latitude is -90..=90 and longitude -180..=180, in decimal degrees".to_owned(),
+                ),
+            );
+        }
+    }
+
+    fn addr(&mut self, p: Vec<PathSeg>, addr: &str) -> Option<SocketAddr> {
+        match addr.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.report(
+                    p,
+                    format!("`{addr}` is not a socket address"),
+                    "expected ip:port",
+                    Some(
+                        "write an IP and a port, e.g. \"127.0.0.1:8080\" or \"[::]:443\"".to_owned(),
+                    ),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Checks a parsed config; an empty result means it is valid.
+pub fn validate(config: &Config) -> Vec<Problem> {
+    let mut c = Checker {
+        problems: Vec::new(),
+    };
+
+    if config.version != 1 {
+        c.report(
+            path(&[&"version"]),
+            format!("unsupported config version {}", config.version),
+            "unknown version",
+            Some("this build of outpost reads `version = 1`".to_owned()),
+        );
+    }
+
+    c.name(path(&[&"node", &"id"]), "node id", &config.node.id);
+    c.point(path(&[&"node", &"location"]), &config.node.location);
+
+    check_listeners(&mut c, config);
+    check_client_location(&mut c, config);
+    check_origins(&mut c, config);
+    check_routes(&mut c, config);
+    c.problems
+}
+
+fn check_listeners(c: &mut Checker, config: &Config) {
+    if config.listeners.is_empty() {
+        c.report(
+            Vec::new(),
+            "no listeners configured".to_owned(),
+            "",
+            Some("add a [[listeners]] table with `addr = \"0.0.0.0:8080\"`".to_owned()),
+        );
+    }
+    let mut seen: Vec<(SocketAddr, Vec<PathSeg>)> = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let p = path(&[&"listeners", &i, &"addr"]);
+        if let Some(a) = c.addr(p.clone(), &l.addr) {
+            seen.push((a, p));
+        }
+        if let Some(tls) = &l.tls {
+            for (key, file) in [("cert", &tls.cert), ("key", &tls.key)] {
+                let full = config.base_dir.join(file);
+                if !full.is_file() {
+                    c.report(
+                        path(&[&"listeners", &i, &"tls", &key]),
+                        format!("TLS {key} file {} does not exist", full.display()),
+                        "file not found",
+                        Some("paths are relative to the config file's directory".to_owned()),
+                    );
+                }
+            }
+        }
+    }
+    let admin_path = path(&[&"admin", &"addr"]);
+    if let Some(admin) = c.addr(admin_path.clone(), &config.admin.addr) {
+        if !admin.ip().is_loopback()
+            && config.admin.token.is_none()
+            && config.admin.token_file.is_none()
+        {
+            c.report(
+                admin_path.clone(),
+                format!("admin listener {admin} is reachable beyond loopback without a token"),
+                "not loopback",
+                Some("set [admin] token_file (or OUTPOST_ADMIN_TOKEN), or bind 127.0.0.1".to_owned()),
+            );
+        }
+        seen.push((admin, admin_path));
+    }
+    for i in 0..seen.len() {
+        for j in 0..i {
+            let (a, _) = &seen[j];
+            let (b, pb) = &seen[i];
+            if a.port() != 0 && a.port() == b.port() && overlaps(a, b) {
+                c.report(
+                    pb.clone(),
+                    format!("listener {b} overlaps {a}"),
+                    "address already used",
+                    Some(
+                        "each listener (and the admin API) needs its own port, or disjoint IPs"
+                            .to_owned(),
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn overlaps(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
+}
+
+fn check_client_location(c: &mut Checker, config: &Config) {
+    let cl = &config.client_location;
+    for (key, value) in [
+        ("lat_header", &cl.lat_header),
+        ("lon_header", &cl.lon_header),
+        ("country_header", &cl.country_header),
+    ] {
+        if http::HeaderName::from_bytes(value.as_bytes()).is_err() {
+            c.report(
+                path(&[&"client_location", &key]),
+                format!("`{value}` is not a valid header name"),
+                "invalid header name",
+                Some("header names are tokens such as \"x-user-lat\"".to_owned()),
+            );
+        }
+    }
+    for (i, n) in cl.networks.iter().enumerate() {
+        c.point(
+            path(&[&"client_location", &"networks", &i, &"location"]),
+            &n.location,
+        );
+        if let Some(country) = &n.country {
+            check_country(
+                c,
+                path(&[&"client_location", &"networks", &i, &"country"]),
+                country,
+            );
+        }
+    }
+}
+
+fn check_country(c: &mut Checker, p: Vec<PathSeg>, country: &str) {
+    if country.len() != 2 || !country.chars().all(|ch| ch.is_ascii_uppercase()) {
+        c.report(
+            p,
+            format!("`{country}` is not an ISO 3166-1 alpha-2 country code"),
+            "expected two capital letters",
+            Some("e.g. \"JP\", \"US\", \"DE\"".to_owned()),
+        );
+    }
+}
+
+fn check_origins(c: &mut Checker, config: &Config) {
+    for (name, group) in &config.origins {
+        c.name(path(&[&"origins", name]), "origin name", name);
+        if group.endpoints.is_empty() {
+            c.report(
+                path(&[&"origins", name]),
+                format!("origin group `{name}` has no endpoints"),
+                "no endpoints",
+                Some(format!(
+                    "add [[origins.{name}.endpoints]] with url, region and location"
+                )),
+            );
+        }
+        let mut urls: HashMap<&str, usize> = HashMap::new();
+        for (i, e) in group.endpoints.iter().enumerate() {
+            let p = path(&[&"origins", name, &"endpoints", &i, &"url"]);
+            check_endpoint_url(c, p.clone(), &e.url);
+            if let Some(first) = urls.insert(e.url.as_str(), i) {
+                c.report(
+                    p,
+                    format!("endpoint {} is listed twice in `{name}`", e.url),
+                    "duplicate",
+                    Some(format!("it is already endpoint #{}", first + 1)),
+                );
+            }
+            c.point(
+                path(&[&"origins", name, &"endpoints", &i, &"location"]),
+                &e.location,
+            );
+        }
+        if let Some(h) = &group.health_check {
+            if !h.path.starts_with('/') {
+                c.report(
+                    path(&[&"origins", name, &"health_check", &"path"]),
+                    format!("health check path `{}` must start with '/'", h.path),
+                    "not an absolute path",
+                    Some("e.g. \"/healthz\"".to_owned()),
+                );
+            }
+            for (key, v) in [
+                ("healthy_threshold", h.healthy_threshold),
+                ("unhealthy_threshold", h.unhealthy_threshold),
+            ] {
+                if v == 0 {
+                    c.report(
+                        path(&[&"origins", name, &"health_check", &key]),
+                        format!("{key} must be at least 1"),
+                        "zero",
+                        None,
+                    );
+                }
+            }
+            if h.interval.is_zero() || h.timeout.is_zero() || h.timeout > h.interval {
+                c.report(
+                    path(&[&"origins", name, &"health_check", &"timeout"]),
+                    "health check timeout must be positive and at most the interval".to_owned(),
+                    "timeout vs interval",
+                    Some("e.g. interval = \"5s\", timeout = \"2s\"".to_owned()),
+                );
+            }
+        }
+        for (key, d) in [
+            ("connect_timeout", group.connect_timeout),
+            ("response_timeout", group.response_timeout),
+        ] {
+            if d.is_zero() {
+                c.report(
+                    path(&[&"origins", name, &key]),
+                    format!("{key} must be positive"),
+                    "zero",
+                    Some("e.g. \"2s\"".to_owned()),
+                );
+            }
+        }
+    }
+}
+
+fn check_endpoint_url(c: &mut Checker, p: Vec<PathSeg>, url: &str) {
+    let help = Some("write the endpoint as \"http://host:port\", with no path".to_owned());
+    let uri = match url.parse::<http::Uri>() {
+        Ok(u) => u,
+        Err(e) => {
+            c.report(p, format!("`{url}` is not a URL: {e}"), "invalid URL", help);
+            return;
+        }
+    };
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            c.report(
+                p,
+                format!("`{url}`: HTTPS origins are not supported by this build"),
+                "https",
+                Some("use an http:// endpoint (upstream TLS is on the roadmap)".to_owned()),
+            );
+            return;
+        }
+        _ => {
+            c.report(p, format!("`{url}` has no http:// scheme"), "scheme", help);
+            return;
+        }
+    }
+    let has_path = uri.path_and_query().is_some_and(|pq| pq.as_str() != "/");
+    if uri.host().is_none() || has_path {
+        c.report(
+            p,
+            format!("`{url}` must be scheme://host[:port] only"),
+            "unexpected part",
+            help,
+        );
+    }
+}
+
+fn check_routes(c: &mut Checker, config: &Config) {
+    let origin_names: Vec<&str> = config.origins.keys().map(String::as_str).collect();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut matches: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        c.name(path(&[&"routes", &i, &"name"]), "route name", &r.name);
+        if let Some(first) = names.insert(r.name.as_str(), i) {
+            c.report(
+                path(&[&"routes", &i, &"name"]),
+                format!("route name `{}` is used twice", r.name),
+                "duplicate name",
+                Some(format!(
+                    "route names label metrics and must be unique; route #{} has it",
+                    first + 1
+                )),
+            );
+        }
+        if !config.origins.contains_key(&r.origin) {
+            let help = match did_you_mean(&r.origin, &origin_names) {
+                Some(best) => format!("did you mean `{best}`?"),
+                None if origin_names.is_empty() => {
+                    "define it with an [origins.NAME] table".to_owned()
+                }
+                None => format!("defined origins: {}", origin_names.join(", ")),
+            };
+            c.report(
+                path(&[&"routes", &i, &"origin"]),
+                format!("route `{}` uses unknown origin `{}`", r.name, r.origin),
+                "no such origin",
+                Some(help),
+            );
+        }
+        if !r.path_prefix.starts_with('/') {
+            c.report(
+                path(&[&"routes", &i, &"path_prefix"]),
+                format!("path prefix `{}` must start with '/'", r.path_prefix),
+                "not an absolute path",
+                Some("e.g. \"/api\"".to_owned()),
+            );
+        }
+        if let Some(host) = &r.host {
+            let bare = host.strip_prefix("*.").unwrap_or(host);
+            if bare.is_empty()
+                || bare.contains('*')
+                || http::uri::Authority::try_from(bare).is_err()
+            {
+                c.report(
+                    path(&[&"routes", &i, &"host"]),
+                    format!("`{host}` is not a host name"),
+                    "invalid host",
+                    Some("use an exact name (\"shop.example.com\") or \"*.example.com\"".to_owned()),
+                );
+            }
+        }
+        let key = (
+            r.host.clone().unwrap_or_default().to_ascii_lowercase(),
+            normalise_prefix(&r.path_prefix),
+        );
+        if let Some(first) = matches.insert(key, i) {
+            c.report(
+                path(&[&"routes", &i, &"path_prefix"]),
+                format!(
+                    "route `{}` matches the same host and prefix as route `{}`",
+                    r.name, config.routes[first].name
+                ),
+                "duplicate match",
+                Some("the second route could never be chosen; remove it or change its prefix".to_owned()),
+            );
+        }
+    }
+}
+
+/// Trailing slashes do not change what a prefix matches on segment boundaries.
+fn normalise_prefix(p: &str) -> String {
+    let trimmed = p.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}

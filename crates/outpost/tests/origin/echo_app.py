@@ -1,0 +1,205 @@
+"""Test origin for Outpost's end-to-end tests.
+
+The Rust tests start it on a socket they bound themselves, passed as fd 3::
+
+    <venv>/bin/python -m uvicorn --app-dir crates/outpost/tests/origin echo_app:app \
+        --fd 3 --log-level warning --no-access-log
+
+Environment: ``REGION`` (default ``test``) names the origin; every response
+carries it in an ``X-Origin-Region`` header.
+
+Endpoints
+---------
+``/echo`` and ``/echo/{path}`` (GET HEAD POST PUT PATCH DELETE OPTIONS)
+    JSON description of the request as the origin saw it: method, path,
+    raw_path, query, headers (ordered ``[name, value]`` pairs, duplicates
+    kept), body_len, body_sha256, region. The body is hashed as it streams.
+``POST|PUT /upload``
+    Streams the body; returns ``{"len": n, "sha256": hex}``.
+``GET /bytes/{n}``
+    Exactly ``n`` bytes with ``Content-Length: n``; byte ``i`` is ``i % 251``.
+    Generated lazily in 64 KiB chunks, so ``n`` may be huge.
+``GET /slow?ms=N``
+    Sleeps N ms, then answers ``{"slept_ms": N}``.
+``GET /slow-body?ms=N``
+    Sends ``start\\n`` at once, sleeps N ms, then sends ``end\\n``.
+``GET /status/{code}``
+    Answers with that status (200-599); JSON ``{"status": code}`` when the
+    status allows a body.
+``GET /response-headers?Name=value&...``
+    Adds each query parameter as a response header (repeats kept).
+``GET /healthz``
+    200 ``{"ok": true, "region": R}``, or 503 while marked unhealthy.
+``POST /control/health`` ``{"healthy": bool}``
+    Marks the origin healthy or unhealthy.
+``GET /control/hits``
+    ``{"healthz": n, "total": n}``: requests seen since start (or the last
+    ``POST /control/hits/reset``), this one included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Path, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REGION = os.environ.get("REGION", "test")
+
+CHUNK = 64 * 1024
+_PERIOD = 251
+# Any CHUNK-long window of the i % 251 sequence is a slice of this buffer.
+_PATTERN = bytes(i % _PERIOD for i in range(CHUNK + _PERIOD))
+
+healthy = True
+hits = {"healthz": 0, "total": 0}
+
+
+class OriginMiddleware:
+    """Counts requests and adds ``X-Origin-Region`` to every response.
+
+    Plain ASGI (not ``@app.middleware``) so request and response bodies
+    stream through untouched.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        hits["total"] += 1
+        if scope["path"] == "/healthz":
+            hits["healthz"] += 1
+
+        region = REGION.encode("latin-1")
+
+        async def send_with_region(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-origin-region", region)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_region)
+
+
+app = FastAPI(title="outpost test origin")
+app.add_middleware(OriginMiddleware)
+
+
+async def _digest(request: Request) -> tuple[int, str]:
+    """Length and sha256 of the request body, read as it streams."""
+    n = 0
+    sha = hashlib.sha256()
+    async for chunk in request.stream():
+        n += len(chunk)
+        sha.update(chunk)
+    return n, sha.hexdigest()
+
+
+ECHO_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@app.api_route("/echo", methods=ECHO_METHODS)
+@app.api_route("/echo/{path:path}", methods=ECHO_METHODS)
+async def echo(request: Request) -> dict:
+    body_len, body_sha256 = await _digest(request)
+    scope = request.scope
+    return {
+        "method": request.method,
+        "path": request.url.path,
+        "raw_path": scope.get("raw_path", b"").decode("latin-1"),
+        "query": request.url.query,
+        "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
+        "body_len": body_len,
+        "body_sha256": body_sha256,
+        "region": REGION,
+    }
+
+
+@app.api_route("/upload", methods=["POST", "PUT"])
+async def upload(request: Request) -> dict:
+    n, sha256 = await _digest(request)
+    return {"len": n, "sha256": sha256}
+
+
+async def _pattern_bytes(n: int) -> AsyncIterator[bytes]:
+    offset = 0
+    while offset < n:
+        size = min(CHUNK, n - offset)
+        start = offset % _PERIOD
+        yield _PATTERN[start : start + size]
+        offset += size
+
+
+@app.get("/bytes/{n}")
+async def pattern_bytes(n: int = Path(ge=0)) -> StreamingResponse:
+    return StreamingResponse(
+        _pattern_bytes(n),
+        media_type="application/octet-stream",
+        headers={"content-length": str(n)},
+    )
+
+
+@app.get("/slow")
+async def slow(ms: int = Query(0, ge=0)) -> dict:
+    await asyncio.sleep(ms / 1000)
+    return {"slept_ms": ms}
+
+
+@app.get("/slow-body")
+async def slow_body(ms: int = Query(0, ge=0)) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"start\n"
+        await asyncio.sleep(ms / 1000)
+        yield b"end\n"
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+@app.get("/status/{code}")
+async def status(code: int = Path(ge=200, le=599)) -> Response:
+    if code in (204, 304):
+        return Response(status_code=code)
+    return JSONResponse({"status": code}, status_code=code)
+
+
+@app.get("/response-headers")
+async def response_headers(request: Request) -> Response:
+    items = request.query_params.multi_items()
+    response = JSONResponse([[k, v] for k, v in items])
+    for name, value in items:
+        response.headers.append(name, value)
+    return response
+
+
+@app.get("/healthz")
+async def healthz() -> JSONResponse:
+    return JSONResponse({"ok": healthy, "region": REGION}, status_code=200 if healthy else 503)
+
+
+class Health(BaseModel):
+    healthy: bool
+
+
+@app.post("/control/health")
+async def set_health(health: Health) -> dict:
+    global healthy
+    healthy = health.healthy
+    return {"healthy": healthy}
+
+
+@app.get("/control/hits")
+async def get_hits() -> dict:
+    return dict(hits)
+
+
+@app.post("/control/hits/reset")
+async def reset_hits() -> dict:
+    hits["healthz"] = hits["total"] = 0
+    return dict(hits)

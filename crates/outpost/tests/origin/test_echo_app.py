@@ -1,0 +1,134 @@
+"""Tests for the end-to-end test origin (run: .venv/bin/python -m pytest crates/outpost/tests/origin)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from fastapi.testclient import TestClient
+
+import echo_app
+
+
+@pytest.fixture
+def client():
+    echo_app.healthy = True
+    echo_app.hits.update(healthz=0, total=0)
+    with TestClient(echo_app.app) as client:
+        yield client
+    echo_app.healthy = True
+
+
+def pattern(n: int) -> bytes:
+    return bytes(i % 251 for i in range(n))
+
+
+def test_echo_keeps_duplicate_headers_in_order(client):
+    r = client.post(
+        "/echo/a/b%20c?x=1&x=2",
+        headers=[("X-Dup", "one"), ("X-Other", "mid"), ("X-Dup", "two")],
+        content=b"hello",
+    )
+    assert r.status_code == 200
+    assert r.headers["x-origin-region"] == echo_app.REGION
+    body = r.json()
+    assert body["method"] == "POST"
+    assert body["path"] == "/echo/a/b c"
+    assert body["raw_path"] == "/echo/a/b%20c"
+    assert body["query"] == "x=1&x=2"
+    assert body["body_len"] == 5
+    assert body["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+    assert body["region"] == echo_app.REGION
+    names = [name for name, _ in body["headers"]]
+    assert all(name == name.lower() for name in names)
+    custom = [h for h in body["headers"] if h[0].startswith("x-")]
+    assert custom == [["x-dup", "one"], ["x-other", "mid"], ["x-dup", "two"]]
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_echo_methods(client, method):
+    r = client.request(method, "/echo")
+    assert r.status_code == 200
+    assert r.json()["method"] == method
+    assert r.json()["body_len"] == 0
+
+
+def test_echo_head_has_no_body(client):
+    r = client.head("/echo/x")
+    assert r.status_code == 200
+    assert r.content == b""
+
+
+@pytest.mark.parametrize("n", [0, 1, 250, 251, 252, 65536, 65537, 3 * 65536 + 17])
+def test_bytes(client, n):
+    r = client.get(f"/bytes/{n}")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["content-length"] == str(n)
+    assert r.content == pattern(n)
+
+
+def test_bytes_rejects_negative(client):
+    assert client.get("/bytes/-1").status_code == 422
+
+
+def test_upload_hash(client):
+    data = pattern(1_000_003)
+    for method in ("POST", "PUT"):
+        r = client.request(method, "/upload", content=data)
+        assert r.status_code == 200
+        assert r.json() == {"len": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_upload_streamed_chunks(client):
+    chunks = [b"a" * 1000, b"b" * 70000, b"c"]
+    r = client.post("/upload", content=iter(chunks))
+    joined = b"".join(chunks)
+    assert r.json() == {"len": len(joined), "sha256": hashlib.sha256(joined).hexdigest()}
+
+
+def test_slow(client):
+    assert client.get("/slow?ms=5").json() == {"slept_ms": 5}
+    r = client.get("/slow-body?ms=5")
+    assert r.content == b"start\nend\n"
+
+
+@pytest.mark.parametrize("code", [200, 201, 404, 418, 500, 502, 503])
+def test_status_with_body(client, code):
+    r = client.get(f"/status/{code}")
+    assert r.status_code == code
+    assert r.json() == {"status": code}
+    assert r.headers["x-origin-region"] == echo_app.REGION
+
+
+@pytest.mark.parametrize("code", [204, 304])
+def test_status_without_body(client, code):
+    r = client.get(f"/status/{code}")
+    assert r.status_code == code
+    assert r.content == b""
+
+
+def test_response_headers_repeat(client):
+    r = client.get("/response-headers?X-A=1&X-A=2&Cache-Control=no-store")
+    assert r.headers.get_list("x-a") == ["1", "2"]
+    assert r.headers["cache-control"] == "no-store"
+
+
+def test_health_flip_and_hits(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"ok": True, "region": echo_app.REGION}
+
+    assert client.post("/control/health", json={"healthy": False}).json() == {"healthy": False}
+    r = client.get("/healthz")
+    assert r.status_code == 503
+    assert r.json()["ok"] is False
+    assert r.headers["x-origin-region"] == echo_app.REGION
+
+    assert client.post("/control/health", json={"healthy": True}).status_code == 200
+    assert client.get("/healthz").status_code == 200
+    assert client.post("/control/health", json={"healthy": "maybe"}).status_code == 422
+
+    # 3 healthz + 3 control/health + this request
+    assert client.get("/control/hits").json() == {"healthz": 3, "total": 7}
+    assert client.post("/control/hits/reset").json() == {"healthz": 0, "total": 0}

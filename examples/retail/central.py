@@ -1,0 +1,188 @@
+"""Central API of a small retail chain, run as one origin per region.
+
+Outpost sits in front of several copies of this app (one per region) and
+routes each request to the closest healthy one. Every response carries an
+``X-Origin-Region`` header so you can see which origin answered.
+
+Run one origin::
+
+    REGION=eu-west python -m uvicorn --app-dir examples/retail central:app --port 8002
+
+Environment:
+
+``REGION``
+    Name of the region this origin serves (default ``us-west``).
+``SALES_DB``
+    Path of the SQLite file that stores sales (default
+    ``<tmp>/outpost-retail-<region>.db``).
+
+Endpoints: ``GET /healthz``, ``GET /products``, ``GET /products/{sku}``,
+``GET /prices/{sku}``, ``POST /sales`` and ``GET /sales``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, closing
+from datetime import datetime, timezone
+
+from fastapi import FastAPI, HTTPException, Request, status
+from pydantic import BaseModel, Field
+
+REGION = os.environ.get("REGION", "us-west")
+SALES_DB = os.environ.get(
+    "SALES_DB", os.path.join(tempfile.gettempdir(), f"outpost-retail-{REGION}.db")
+)
+
+
+class Product(BaseModel):
+    sku: str
+    name: str
+    category: str
+
+
+class Price(BaseModel):
+    sku: str
+    price_cents: int
+    currency: str = "USD"
+
+
+class SaleIn(BaseModel):
+    store_id: str = Field(min_length=1)
+    sku: str = Field(min_length=1)
+    quantity: int = Field(gt=0)
+    unit_price_cents: int = Field(ge=0)
+
+
+class Sale(SaleIn):
+    sale_id: str
+    region: str
+    total_cents: int
+    created_at: str
+
+
+CATALOG: dict[str, Product] = {
+    p.sku: p
+    for p in [
+        Product(sku="TEA-001", name="Green tea, 100 g", category="grocery"),
+        Product(sku="COF-002", name="Espresso beans, 1 kg", category="grocery"),
+        Product(sku="MUG-003", name="Stoneware mug", category="kitchen"),
+        Product(sku="KTL-004", name="Electric kettle", category="kitchen"),
+        Product(sku="TWL-005", name="Cotton tea towel", category="home"),
+        Product(sku="CDL-006", name="Beeswax candle", category="home"),
+    ]
+}
+
+PRICES_CENTS: dict[str, int] = {
+    "TEA-001": 699,
+    "COF-002": 2499,
+    "MUG-003": 1200,
+    "KTL-004": 3999,
+    "TWL-005": 850,
+    "CDL-006": 1550,
+}
+
+
+# --- storage -----------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sales (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    sale_id          TEXT NOT NULL UNIQUE,
+    region           TEXT NOT NULL,
+    store_id         TEXT NOT NULL,
+    sku              TEXT NOT NULL,
+    quantity         INTEGER NOT NULL,
+    unit_price_cents INTEGER NOT NULL,
+    total_cents      INTEGER NOT NULL,
+    created_at       TEXT NOT NULL
+)
+"""
+
+
+def connect() -> sqlite3.Connection:
+    """Open a connection to the sales database (one per request)."""
+    conn = sqlite3.connect(SALES_DB, timeout=5.0)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    with closing(connect()) as conn, conn:
+        conn.execute(_SCHEMA)
+    yield
+
+
+app = FastAPI(title=f"Retail central ({REGION})", lifespan=lifespan)
+
+
+@app.middleware("http")
+async def add_region_header(request: Request, call_next):
+    response = await call_next(request)
+    response.headers["X-Origin-Region"] = REGION
+    return response
+
+
+# --- endpoints ---------------------------------------------------------------
+
+
+@app.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok", "region": REGION}
+
+
+@app.get("/products")
+def list_products() -> list[Product]:
+    return list(CATALOG.values())
+
+
+@app.get("/products/{sku}")
+def get_product(sku: str) -> Product:
+    product = CATALOG.get(sku)
+    if product is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="unknown sku")
+    return product
+
+
+@app.get("/prices/{sku}")
+def get_price(sku: str) -> Price:
+    if sku not in PRICES_CENTS:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="unknown sku")
+    return Price(sku=sku, price_cents=PRICES_CENTS[sku])
+
+
+@app.post("/sales", status_code=status.HTTP_201_CREATED)
+def record_sale(sale: SaleIn) -> Sale:
+    # Sync endpoints run in FastAPI's thread pool, so blocking sqlite3 calls
+    # do not stall the event loop.
+    record = Sale(
+        **sale.model_dump(),
+        sale_id=uuid.uuid4().hex,
+        region=REGION,
+        total_cents=sale.quantity * sale.unit_price_cents,
+        created_at=datetime.now(timezone.utc).isoformat(),
+    )
+    with closing(connect()) as conn, conn:
+        conn.execute(
+            "INSERT INTO sales (sale_id, region, store_id, sku, quantity,"
+            " unit_price_cents, total_cents, created_at)"
+            " VALUES (:sale_id, :region, :store_id, :sku, :quantity,"
+            " :unit_price_cents, :total_cents, :created_at)",
+            record.model_dump(),
+        )
+    return record
+
+
+@app.get("/sales")
+def list_sales() -> list[Sale]:
+    with closing(connect()) as conn:
+        rows = conn.execute(
+            "SELECT sale_id, region, store_id, sku, quantity, unit_price_cents,"
+            " total_cents, created_at FROM sales ORDER BY id DESC LIMIT 100"
+        ).fetchall()
+    return [Sale(**dict(row)) for row in rows]
