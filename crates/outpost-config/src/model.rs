@@ -252,7 +252,8 @@ pub struct OriginGroup {
     /// Time allowed from sending the request to receiving the response head → 504 after it.
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
-    /// How long an idle pooled connection is kept.
+    /// How long an idle pooled connection is kept. Keep it below the origin's own keep-alive
+    /// timeout (uvicorn closes idle connections after 5 s) or requests race a closing socket.
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
     /// Most idle pooled connections kept per endpoint.
@@ -270,7 +271,7 @@ pub struct OriginGroup {
 }
 
 /// Protocol spoken to an origin.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OriginProtocol {
     /// HTTP/1.1 with keep-alive.
@@ -402,7 +403,7 @@ fn default_response_timeout() -> Duration {
     Duration::from_secs(30)
 }
 fn default_pool_idle_timeout() -> Duration {
-    Duration::from_secs(90)
+    Duration::from_secs(4)
 }
 fn default_pool_max_idle() -> usize {
     64

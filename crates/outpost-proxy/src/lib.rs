@@ -1,1 +1,27 @@
-//! placeholder
+//! Outpost's request path: from a client's bytes to an origin's response and back.
+//!
+//! # Layout (in the order a request meets them)
+//! - [`server`]: listeners, TLS ([`tls`]), HTTP/1.1 + HTTP/2 connections, limits, drain.
+//! - [`context`]: request id, W3C trace context, client IP and location ([`geo`]).
+//! - [`routing`]: host + longest path prefix → route.
+//! - [`handler`]: the pipeline that runs the stages for one request.
+//! - [`origin`]: origin groups, nearest-healthy endpoint choice, pools, health, failover.
+//! - [`filters`]: hop-by-hop stripping, forwarded headers, `Via`, `X-Served-By`, `Server-Timing`.
+//! - [`error`]: every failure with its source and HTTP status, as problem+json.
+//! - [`body`]: streaming body wrappers (limits, replay for failover, completion hooks).
+//! - [`node`]: the config snapshot that requests read, swapped atomically on reload.
+
+pub mod body;
+pub mod context;
+pub mod error;
+pub mod filters;
+pub mod geo;
+pub mod handler;
+pub mod node;
+pub mod origin;
+pub mod routing;
+pub mod server;
+pub mod tls;
+
+pub use node::{BuildError, Node, Snapshot};
+pub use server::{Server, ServerError};

@@ -1,0 +1,182 @@
+//! Errors on the request path, each knowing who caused it and which HTTP status it becomes.
+//!
+//! One place maps failures to statuses, so `502` vs `504` vs `503` is decided here and nowhere
+//! else; clients get an RFC 9457 `application/problem+json` body carrying the request id.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::{ProxyBody, full};
+
+/// Who caused a failure: decides whether it is the client's fault, the origin's or ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    /// The client sent something we refuse.
+    Downstream,
+    /// The origin failed or could not be reached.
+    Upstream,
+    /// Outpost itself (configuration, a bug).
+    Internal,
+}
+
+/// A failure on the request path.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No route matches the host and path.
+    #[error("no route matches this host and path")]
+    NoRoute,
+    /// The request target is not something we forward (dot segments, CONNECT, asterisk form).
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// The method is not proxied.
+    #[error("method {0} is not supported by this node")]
+    MethodNotAllowed(String),
+    /// The body is larger than the route allows.
+    #[error("request body exceeds this route's limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The route's limit.
+        limit: u64,
+    },
+    /// The request already passed through this node.
+    #[error("request loop detected: this node already forwarded this request")]
+    Loop,
+    /// Every endpoint of the origin group is unhealthy or ejected.
+    #[error("no healthy endpoint in origin group `{0}`")]
+    NoHealthyEndpoint(String),
+    /// The origin did not send a response head in time.
+    #[error("origin {endpoint} did not answer within {timeout:?}")]
+    OriginTimeout {
+        /// `host:port` of the endpoint.
+        endpoint: String,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// No connection could be opened to the origin (after failover, if any).
+    #[error("could not connect to origin {endpoint}")]
+    OriginConnect {
+        /// `host:port` of the last endpoint tried.
+        endpoint: String,
+    },
+    /// The exchange with the origin broke.
+    #[error("origin {endpoint} failed: {reason}")]
+    OriginBroken {
+        /// `host:port` of the endpoint.
+        endpoint: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl ProxyError {
+    /// Who caused it.
+    pub fn source(&self) -> ErrorSource {
+        match self {
+            ProxyError::NoRoute
+            | ProxyError::BadRequest(_)
+            | ProxyError::MethodNotAllowed(_)
+            | ProxyError::PayloadTooLarge { .. } => ErrorSource::Downstream,
+            ProxyError::NoHealthyEndpoint(_)
+            | ProxyError::OriginTimeout { .. }
+            | ProxyError::OriginConnect { .. }
+            | ProxyError::OriginBroken { .. } => ErrorSource::Upstream,
+            ProxyError::Loop => ErrorSource::Internal,
+        }
+    }
+
+    /// The status sent to the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Loop => StatusCode::LOOP_DETECTED,
+            ProxyError::NoHealthyEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::OriginTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::OriginConnect { .. } | ProxyError::OriginBroken { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    /// Stable machine-readable code, also the `type` suffix of the problem document.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no-route",
+            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::MethodNotAllowed(_) => "method-not-allowed",
+            ProxyError::PayloadTooLarge { .. } => "payload-too-large",
+            ProxyError::Loop => "loop-detected",
+            ProxyError::NoHealthyEndpoint(_) => "no-healthy-endpoint",
+            ProxyError::OriginTimeout { .. } => "origin-timeout",
+            ProxyError::OriginConnect { .. } => "origin-unreachable",
+            ProxyError::OriginBroken { .. } => "origin-error",
+        }
+    }
+
+    /// The problem+json response for this error.
+    pub fn to_response(&self, request_id: &str) -> Response<ProxyBody> {
+        problem(self.status(), self.code(), &self.to_string(), request_id)
+    }
+}
+
+/// Builds an RFC 9457 problem response.
+pub fn problem(
+    status: StatusCode,
+    code: &str,
+    detail: &str,
+    request_id: &str,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "type": format!("urn:outpost:problem:{code}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+        "request_id": request_id,
+    });
+    let mut resp = Response::new(full(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_failures_map_to_gateway_statuses() {
+        let e = ProxyError::OriginTimeout {
+            endpoint: "a:1".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(e.source(), ErrorSource::Upstream);
+        assert_eq!(
+            ProxyError::OriginConnect {
+                endpoint: "a:1".into()
+            }
+            .status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            ProxyError::NoHealthyEndpoint("x".into()).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn problem_documents_carry_type_status_and_request_id() {
+        let r = ProxyError::NoHealthyEndpoint("central".into()).to_response("rid-1");
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+}

@@ -1,0 +1,320 @@
+//! Header filters on the way to the origin and on the way back (RFC 9110 §7.6).
+//!
+//! Request side: hop-by-hop fields go (including those named by `Connection`), client-supplied
+//! internal headers go, and the node adds `X-Forwarded-*`, `Via`, `X-Request-Id` and
+//! `traceparent`. Response side: hop-by-hop fields go and the node adds `Via`, `X-Served-By`,
+//! `X-Request-Id` and `Server-Timing`.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::context::{RequestContext, Scheme};
+use crate::geo::Locator;
+
+/// Fields that describe one connection, never forwarded (RFC 9110 §7.6.1, plus the
+/// de-facto `Proxy-Connection` and `Keep-Alive`).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop fields, including every field the `Connection` header names.
+/// `Upgrade` goes too: this node does not tunnel upgraded protocols.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// What the request filter needs to know besides the headers.
+pub struct ForwardInfo<'a> {
+    /// Host the client asked for (Host header or `:authority`).
+    pub host: Option<&'a str>,
+    /// Listener scheme.
+    pub scheme: Scheme,
+    /// The TCP peer's address as text.
+    pub peer_ip: &'a str,
+    /// The stripped prefix, when the route strips one.
+    pub stripped_prefix: Option<&'a str>,
+    /// `Via` entry of this hop (`1.1 tokyo-1`).
+    pub via: &'a HeaderValue,
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+/// Correlation id header.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Which node served a response.
+pub const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+/// Prepares request headers for the origin.
+pub fn request_headers(
+    headers: &mut HeaderMap,
+    ctx: &RequestContext,
+    info: &ForwardInfo<'_>,
+    locator: &Locator,
+) {
+    strip_hop_by_hop(headers);
+    strip_internal(headers);
+    if !ctx.peer_trusted {
+        for name in locator.location_headers() {
+            headers.remove(name);
+        }
+        for name in [X_FORWARDED_PROTO, X_FORWARDED_HOST, X_FORWARDED_PREFIX, FORWARDED] {
+            headers.remove(name);
+        }
+    }
+
+    // X-Forwarded-For: a trusted proxy's chain is extended, anyone else's is replaced.
+    let xff = if ctx.peer_trusted {
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            info.peer_ip.to_owned()
+        } else {
+            format!("{}, {}", prior.join(", "), info.peer_ip)
+        }
+    } else {
+        info.peer_ip.to_owned()
+    };
+    set(headers, X_FORWARDED_FOR, &xff);
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(info.scheme.as_str()),
+        );
+    }
+    if let Some(host) = info.host {
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            set(headers, X_FORWARDED_HOST, host);
+        }
+        // HTTP/2 clients send :authority instead of Host; the origin needs a Host.
+        if !headers.contains_key(header::HOST) {
+            set(headers, header::HOST, host);
+        }
+    }
+    if let Some(prefix) = info.stripped_prefix {
+        let prior = headers
+            .get(&X_FORWARDED_PREFIX)
+            .and_then(|v| v.to_str().ok())
+            .map(|p| p.trim_end_matches('/').to_owned());
+        let prefix = prefix.trim_end_matches('/');
+        match prior {
+            Some(p) => set(headers, X_FORWARDED_PREFIX, &format!("{p}{prefix}")),
+            None => set(headers, X_FORWARDED_PREFIX, prefix),
+        }
+    }
+    headers.append(header::VIA, info.via.clone());
+    set(headers, X_REQUEST_ID, &ctx.request_id);
+    set(headers, TRACEPARENT, &ctx.trace.header_value());
+}
+
+/// Removes headers only this node may set; a client must never be able to fake them.
+pub fn strip_internal(headers: &mut HeaderMap) {
+    let internal: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-outpost-"))
+        .cloned()
+        .collect();
+    for name in internal {
+        headers.remove(name);
+    }
+    headers.remove(X_SERVED_BY);
+}
+
+/// Timings reported in `Server-Timing`.
+pub struct Timings {
+    /// Time spent in this node up to the response head, excluding the origin.
+    pub edge_ms: f64,
+    /// Time the origin took to send its response head, if asked.
+    pub origin_ms: Option<f64>,
+}
+
+/// Finishes response headers for the client.
+pub fn response_headers(
+    headers: &mut HeaderMap,
+    via: &HeaderValue,
+    node_id: &HeaderValue,
+    request_id: &str,
+    timings: &Timings,
+) {
+    strip_hop_by_hop(headers);
+    headers.append(header::VIA, via.clone());
+    headers.insert(X_SERVED_BY, node_id.clone());
+    set(headers, X_REQUEST_ID, request_id);
+    let timing = match timings.origin_ms {
+        Some(o) => format!("edge;dur={:.3}, origin;dur={:.3}", timings.edge_ms, o),
+        None => format!("edge;dur={:.3}", timings.edge_ms),
+    };
+    if let Ok(v) = HeaderValue::from_str(&timing) {
+        headers.append(SERVER_TIMING, v);
+    }
+}
+
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+/// Whether the request already passed through the node whose `Via` entry ends in `node_id`.
+pub fn is_loop(headers: &HeaderMap, node_id: &str) -> bool {
+    headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|entry| {
+            let mut parts = entry.split_whitespace();
+            let _protocol = parts.next();
+            parts.next() == Some(node_id)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::{ConnInfo, RequestContext};
+    use outpost_config::{ClientLocation, GeoPoint};
+
+    fn ctx(trusted: bool) -> (RequestContext, Locator) {
+        let cfg = ClientLocation {
+            trusted_proxies: if trusted {
+                vec!["127.0.0.0/8".parse().expect("cidr")]
+            } else {
+                vec![]
+            },
+            ..ClientLocation::default()
+        };
+        let locator = Locator::new(&cfg, GeoPoint { lat: 0.0, lon: 0.0 });
+        let conn = ConnInfo {
+            peer: "127.0.0.1:5000".parse().expect("addr"),
+            scheme: Scheme::Http,
+        };
+        (
+            RequestContext::new(&conn, &HeaderMap::new(), &locator),
+            locator,
+        )
+    }
+
+    fn hm(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_fields_are_removed() {
+        let mut h = hm(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn untrusted_clients_cannot_spoof_internal_or_forwarded_headers() {
+        let (ctx, locator) = ctx(false);
+        let mut h = hm(&[
+            ("x-outpost-identity", "forged"),
+            ("x-served-by", "forged"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("x-user-lat", "1"),
+        ]);
+        let via = HeaderValue::from_static("1.1 edge");
+        let info = ForwardInfo {
+            host: Some("shop.test"),
+            scheme: Scheme::Http,
+            peer_ip: "127.0.0.1",
+            stripped_prefix: Some("/api"),
+            via: &via,
+        };
+        request_headers(&mut h, &ctx, &info, &locator);
+        assert!(!h.contains_key("x-outpost-identity"));
+        assert!(!h.contains_key("x-served-by"));
+        assert!(!h.contains_key("x-user-lat"));
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.test");
+        assert_eq!(h["x-forwarded-prefix"], "/api");
+        assert_eq!(h["host"], "shop.test");
+        assert_eq!(h["via"], "1.1 edge");
+        assert_eq!(h["x-request-id"], ctx.request_id.as_str());
+        assert!(h["traceparent"].to_str().expect("ascii").starts_with("00-"));
+    }
+
+    #[test]
+    fn trusted_proxies_chains_are_extended() {
+        let (ctx, locator) = ctx(true);
+        let mut h = hm(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
+        let via = HeaderValue::from_static("1.1 edge");
+        let info = ForwardInfo {
+            host: None,
+            scheme: Scheme::Http,
+            peer_ip: "127.0.0.1",
+            stripped_prefix: None,
+            via: &via,
+        };
+        request_headers(&mut h, &ctx, &info, &locator);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn loops_are_detected_by_node_id_in_via() {
+        assert!(is_loop(&hm(&[("via", "1.1 a, 2 tokyo-1")]), "tokyo-1"));
+        assert!(!is_loop(&hm(&[("via", "1.1 tokyo-10")]), "tokyo-1"));
+    }
+
+    #[test]
+    fn response_headers_get_node_identity_and_timing() {
+        let mut h = hm(&[("connection", "close"), ("x-served-by", "origin-lie")]);
+        response_headers(
+            &mut h,
+            &HeaderValue::from_static("1.1 edge"),
+            &HeaderValue::from_static("edge"),
+            "rid",
+            &Timings {
+                edge_ms: 0.5,
+                origin_ms: Some(12.25),
+            },
+        );
+        assert!(!h.contains_key("connection"));
+        assert_eq!(h["x-served-by"], "edge");
+        assert_eq!(h["server-timing"], "edge;dur=0.500, origin;dur=12.250");
+    }
+}

@@ -1,0 +1,379 @@
+//! The origin stage: origin groups, their endpoints, health, and nearest-healthy selection.
+//!
+//! Each endpoint owns a pooled hyper client (keep-alive, connect timeout) and its health:
+//! active checks ([`health`]) and passive ejection after consecutive live failures. Endpoint
+//! state survives config reloads when the endpoint's settings did not change, so a reload
+//! neither empties connection pools nor forgets that a region is down.
+
+pub mod health;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::uri::{Authority, Scheme};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use outpost_config::{GeoPoint, OriginGroup as OriginConfig, OriginProtocol, Passive};
+use outpost_telemetry::Metrics;
+use outpost_telemetry::metrics::{EndpointMetrics, OriginOutcome};
+use std::sync::LazyLock;
+
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::body::ProxyBody;
+use crate::geo::distance_km;
+
+/// Time base for ejection deadlines stored in atomics.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn now_ms() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What makes two endpoint definitions the same, so state can be carried across reloads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct EndpointKey {
+    group: String,
+    url: String,
+    protocol: OriginProtocol,
+    connect_timeout: Duration,
+    pool_idle_timeout: Duration,
+    pool_max_idle: usize,
+}
+
+/// One endpoint of an origin group, with its pool and health.
+pub struct Endpoint {
+    /// `host:port`, for logs, metrics and errors.
+    pub authority: Authority,
+    scheme: Scheme,
+    /// Region label from config.
+    pub region: String,
+    /// Where the endpoint is.
+    pub location: GeoPoint,
+    client: Client<HttpConnector, ProxyBody>,
+    protocol: OriginProtocol,
+    /// Result of active checks (true until a check says otherwise).
+    active_ok: AtomicBool,
+    /// Live failures in a row, for passive ejection.
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since [`EPOCH`] until which the endpoint is ejected; 0 = not ejected.
+    ejected_until: AtomicU64,
+    metrics: EndpointMetrics,
+    group: String,
+    /// Settings this endpoint was built with; equal keys across reloads reuse the endpoint.
+    key: EndpointKey,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("authority", &self.authority)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one attempt on an endpoint failed.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// No connection could be opened; the request never left.
+    Connect(hyper_util::client::legacy::Error),
+    /// No response head within the timeout.
+    Timeout,
+    /// The exchange broke after the connection was made.
+    Broken(hyper_util::client::legacy::Error),
+}
+
+impl Endpoint {
+    fn new(key: &EndpointKey, cfg: &outpost_config::Endpoint, metrics: &Metrics) -> Option<Self> {
+        let uri: http::Uri = cfg.url.parse().ok()?;
+        let authority = uri.authority()?.clone();
+        let scheme = uri.scheme()?.clone();
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(key.connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(key.pool_idle_timeout)
+            .pool_max_idle_per_host(key.pool_max_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(key.protocol == OriginProtocol::H2)
+            .build(http);
+        let m = metrics.endpoint(&key.group, authority.as_str(), &cfg.region);
+        m.set_healthy(true);
+        Some(Endpoint {
+            authority,
+            scheme,
+            region: cfg.region.clone(),
+            location: cfg.location,
+            client,
+            protocol: key.protocol,
+            active_ok: AtomicBool::new(true),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            metrics: m,
+            group: key.group.clone(),
+            key: key.clone(),
+        })
+    }
+
+    /// Whether the endpoint takes traffic now: active checks pass and it is not ejected.
+    pub fn is_available(&self) -> bool {
+        if !self.active_ok.load(Ordering::Relaxed) {
+            return false;
+        }
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        if now_ms() < until {
+            return false;
+        }
+        // Ejection over: give it traffic again (one caller announces it).
+        if self
+            .ejected_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::info!(origin = %self.group, endpoint = %self.authority, "Endpoint re-admitted after passive ejection.");
+            self.metrics.set_healthy(true);
+        }
+        true
+    }
+
+    /// Whether active health checks currently pass.
+    pub fn actively_healthy(&self) -> bool {
+        self.active_ok.load(Ordering::Relaxed)
+    }
+
+    /// Whether passive ejection currently keeps traffic away.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
+    /// The absolute URI for a path on this endpoint.
+    pub fn uri_for(&self, path_and_query: &str) -> Result<http::Uri, http::Error> {
+        http::Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(Into::into)
+    }
+
+    /// The HTTP version requests to this endpoint must carry.
+    pub fn version(&self) -> http::Version {
+        match self.protocol {
+            OriginProtocol::Http1 => http::Version::HTTP_11,
+            OriginProtocol::H2 => http::Version::HTTP_2,
+        }
+    }
+
+    /// Sends one request and waits for the response head, classifying the outcome and feeding
+    /// passive health.
+    pub async fn send(
+        &self,
+        req: Request<ProxyBody>,
+        timeout: Duration,
+        passive: &Passive,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeout, self.client.request(req)).await;
+        let secs = started.elapsed().as_secs_f64();
+        match result {
+            Ok(Ok(resp)) => {
+                self.metrics.record(OriginOutcome::Response, secs);
+                let failed = matches!(resp.status().as_u16(), 502..=504);
+                self.passive_result(!failed, passive);
+                Ok(resp)
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                self.metrics.record(OriginOutcome::ConnectError, secs);
+                self.passive_result(false, passive);
+                Err(AttemptError::Connect(e))
+            }
+            Ok(Err(e)) => {
+                self.metrics.record(OriginOutcome::Error, secs);
+                self.passive_result(false, passive);
+                Err(AttemptError::Broken(e))
+            }
+            Err(_) => {
+                self.metrics.record(OriginOutcome::Timeout, secs);
+                self.passive_result(false, passive);
+                Err(AttemptError::Timeout)
+            }
+        }
+    }
+
+    fn passive_result(&self, ok: bool, passive: &Passive) {
+        if ok {
+            if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        if passive.consecutive_failures == 0 {
+            return;
+        }
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= passive.consecutive_failures {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            let until = now_ms().saturating_add(
+                u64::try_from(passive.ejection_time.as_millis()).unwrap_or(u64::MAX),
+            );
+            self.ejected_until.store(until.max(1), Ordering::Relaxed);
+            self.metrics.set_healthy(false);
+            tracing::warn!(
+                origin = %self.group,
+                endpoint = %self.authority,
+                failures = n,
+                ejection_secs = passive.ejection_time.as_secs_f64(),
+                "Endpoint ejected after consecutive failures."
+            );
+        }
+    }
+
+    /// Records an active check verdict change.
+    fn set_active(&self, ok: bool) {
+        self.active_ok.store(ok, Ordering::Relaxed);
+        self.metrics.set_healthy(ok && !self.is_ejected());
+    }
+
+    fn client(&self) -> &Client<HttpConnector, ProxyBody> {
+        &self.client
+    }
+}
+
+/// A built origin group.
+#[derive(Debug)]
+pub struct OriginGroup {
+    /// Name from config.
+    pub name: String,
+    /// Endpoints in config order.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Default response timeout.
+    pub response_timeout: Duration,
+    /// Passive ejection settings.
+    pub passive: Passive,
+}
+
+impl OriginGroup {
+    /// Available endpoints, nearest first.
+    pub fn nearest_available(&self, at: GeoPoint) -> Vec<Arc<Endpoint>> {
+        let mut ranked: Vec<(f64, &Arc<Endpoint>)> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.is_available())
+            .map(|e| (distance_km(at, e.location), e))
+            .collect();
+        ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
+        ranked.into_iter().map(|(_, e)| e.clone()).collect()
+    }
+}
+
+/// All origin groups of one config, plus the health-check tasks that watch them.
+pub struct Origins {
+    groups: HashMap<String, Arc<OriginGroup>>,
+    /// Stops this generation's health checks when the config is replaced and drained.
+    _health: DropGuard,
+}
+
+impl std::fmt::Debug for Origins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origins")
+            .field("groups", &self.groups.keys())
+            .finish()
+    }
+}
+
+/// Why origins could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("origin `{group}` endpoint `{url}` is not a valid http://host:port URL")]
+pub struct OriginBuildError {
+    group: String,
+    url: String,
+}
+
+impl Origins {
+    /// Builds the groups, reusing endpoints of `previous` whose settings are unchanged, and
+    /// starts active health checks. Must run inside a Tokio runtime.
+    pub fn build(
+        config: &outpost_config::Config,
+        previous: Option<&Origins>,
+        metrics: &Metrics,
+    ) -> Result<Origins, OriginBuildError> {
+        let mut reusable: HashMap<EndpointKey, Arc<Endpoint>> = HashMap::new();
+        if let Some(prev) = previous {
+            for group in prev.groups.values() {
+                for e in &group.endpoints {
+                    reusable.insert(e.key.clone(), e.clone());
+                }
+            }
+        }
+        let cancel = CancellationToken::new();
+        let mut groups = HashMap::new();
+        for (name, cfg) in &config.origins {
+            let mut endpoints = Vec::new();
+            for ep in &cfg.endpoints {
+                let key = key_for(name, cfg, &ep.url);
+                let endpoint = match reusable.get(&key) {
+                    Some(e) if e.region == ep.region && e.location == ep.location => e.clone(),
+                    _ => Arc::new(Endpoint::new(&key, ep, metrics).ok_or_else(|| {
+                        OriginBuildError {
+                            group: name.clone(),
+                            url: ep.url.clone(),
+                        }
+                    })?),
+                };
+                if let Some(hc) = &cfg.health_check {
+                    health::spawn(endpoint.clone(), hc.clone(), cancel.child_token());
+                } else if !endpoint.actively_healthy() {
+                    // Health checks were removed from config: nothing will clear the old verdict.
+                    endpoint.set_active(true);
+                }
+                endpoints.push(endpoint);
+            }
+            groups.insert(
+                name.clone(),
+                Arc::new(OriginGroup {
+                    name: name.clone(),
+                    endpoints,
+                    response_timeout: cfg.response_timeout,
+                    passive: cfg.passive.clone(),
+                }),
+            );
+        }
+        Ok(Origins {
+            groups,
+            _health: cancel.drop_guard(),
+        })
+    }
+
+    /// A group by name.
+    pub fn group(&self, name: &str) -> Option<&Arc<OriginGroup>> {
+        self.groups.get(name)
+    }
+
+    /// Every group, for the admin API.
+    pub fn groups(&self) -> impl Iterator<Item = &Arc<OriginGroup>> {
+        self.groups.values()
+    }
+}
+
+fn key_for(group: &str, cfg: &OriginConfig, url: &str) -> EndpointKey {
+    EndpointKey {
+        group: group.to_owned(),
+        url: url.to_owned(),
+        protocol: cfg.protocol,
+        connect_timeout: cfg.connect_timeout,
+        pool_idle_timeout: cfg.pool_idle_timeout,
+        pool_max_idle: cfg.pool_max_idle_per_endpoint,
+    }
+}

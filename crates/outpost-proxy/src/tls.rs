@@ -1,0 +1,81 @@
+//! TLS for listeners: rustls (ring provider) with ALPN `h2` / `http/1.1`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+/// Why a listener's certificate or key could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate file is unreadable or holds no PEM certificate.
+    #[error("cannot load TLS certificate chain from {path}: {reason}; expected PEM `CERTIFICATE` blocks, leaf first")]
+    Cert {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The key file is unreadable or holds no supported private key.
+    #[error("cannot load TLS private key from {path}: {reason}; expected a PEM PKCS#8, PKCS#1 or SEC1 key")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// rustls refused the pair (key does not match the certificate, unsupported algorithm …).
+    #[error("TLS certificate {cert} and key {key} cannot be used together: {reason}")]
+    Config {
+        /// Certificate file.
+        cert: PathBuf,
+        /// Key file.
+        key: PathBuf,
+        /// rustls's reason.
+        reason: String,
+    },
+}
+
+/// Builds an acceptor from PEM files (relative paths resolve against `base_dir`).
+pub fn acceptor(
+    tls: &outpost_config::Tls,
+    base_dir: &Path,
+    http2: bool,
+) -> Result<TlsAcceptor, TlsError> {
+    let cert_path = base_dir.join(&tls.cert);
+    let key_path = base_dir.join(&tls.key);
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Cert {
+            path: cert_path.clone(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Cert {
+            path: cert_path,
+            reason: "no certificate found".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::Key {
+        path: key_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| TlsError::Config {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+            reason: e.to_string(),
+        })?;
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}

@@ -1,0 +1,406 @@
+//! Metric definitions. Names follow `outpost_<noun>_<unit>[_total]`; label values are bounded.
+//!
+//! The request path never formats label sets per request: it resolves per-route and
+//! per-endpoint handles once (when a config is loaded) and increments those.
+
+use std::sync::Arc;
+
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Latency buckets in seconds, 0.5 ms to 30 s: edge hits live at the bottom, slow origins at
+/// the top.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+    30.0,
+];
+
+/// HTTP status class: five values, so a label that can never explode.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum StatusClass {
+    /// 1xx
+    Informational,
+    /// 2xx
+    Success,
+    /// 3xx
+    Redirection,
+    /// 4xx
+    ClientError,
+    /// 5xx
+    ServerError,
+}
+
+impl StatusClass {
+    /// Classifies a numeric status code.
+    pub fn of(status: u16) -> StatusClass {
+        match status {
+            100..=199 => StatusClass::Informational,
+            200..=299 => StatusClass::Success,
+            300..=399 => StatusClass::Redirection,
+            400..=499 => StatusClass::ClientError,
+            _ => StatusClass::ServerError,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The label value (`2xx` …).
+    pub fn as_str(self) -> &'static str {
+        ["1xx", "2xx", "3xx", "4xx", "5xx"][self.index()]
+    }
+}
+
+impl EncodeLabelValue for StatusClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for OriginOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// How one attempt to reach an origin endpoint ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum OriginOutcome {
+    /// A response head arrived (any status).
+    Response,
+    /// The TCP connection could not be opened.
+    ConnectError,
+    /// No response head within the response timeout.
+    Timeout,
+    /// The connection broke or the exchange failed otherwise.
+    Error,
+}
+
+impl OriginOutcome {
+    /// The label and log value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginOutcome::Response => "response",
+            OriginOutcome::ConnectError => "connect_error",
+            OriginOutcome::Timeout => "timeout",
+            OriginOutcome::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatusLabels {
+    route: String,
+    status_class: StatusClass,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    origin: String,
+    endpoint: String,
+    region: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointOutcomeLabels {
+    origin: String,
+    endpoint: String,
+    outcome: OriginOutcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// The node's metrics registry and families; cheap to clone (all `Arc`s inside).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    requests: Family<RouteStatusLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    origin_requests: Family<EndpointOutcomeLabels, Counter>,
+    origin_duration: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    endpoint_healthy: Family<EndpointLabels, Gauge>,
+    active_connections: Gauge,
+    connections: Counter,
+    config_reloads: Family<ResultLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric family of the node.
+    pub fn new(version: &str) -> Metrics {
+        let mut registry = Registry::with_prefix("outpost");
+        let requests = Family::<RouteStatusLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "Requests answered, by route and status class",
+            requests.clone(),
+        );
+        let request_duration: Family<RouteLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "http_request_duration",
+            "Time from request head received to response body finished",
+            prometheus_client::registry::Unit::Seconds,
+            request_duration.clone(),
+        );
+        let origin_requests = Family::<EndpointOutcomeLabels, Counter>::default();
+        registry.register(
+            "origin_requests",
+            "Attempts to reach an origin endpoint, by outcome",
+            origin_requests.clone(),
+        );
+        let origin_duration: Family<EndpointLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "origin_response_duration",
+            "Time from sending a request to an origin to receiving its response head",
+            prometheus_client::registry::Unit::Seconds,
+            origin_duration.clone(),
+        );
+        let endpoint_healthy = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "origin_endpoint_healthy",
+            "1 when the endpoint takes traffic (health checks pass, not ejected), else 0",
+            endpoint_healthy.clone(),
+        );
+        let active_connections = Gauge::default();
+        registry.register(
+            "http_active_connections",
+            "Client connections currently open",
+            active_connections.clone(),
+        );
+        let connections = Counter::default();
+        registry.register(
+            "http_connections",
+            "Client connections accepted",
+            connections.clone(),
+        );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result (ok or rejected)",
+            config_reloads.clone(),
+        );
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabels {
+                version: version.to_owned(),
+            })
+            .set(1);
+        registry.register("build_info", "Version of the running binary", build_info);
+        Metrics {
+            registry: Arc::new(registry),
+            requests,
+            request_duration,
+            origin_requests,
+            origin_duration,
+            endpoint_healthy,
+            active_connections,
+            connections,
+            config_reloads,
+        }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+            out.push_str("# encoding failed\n");
+        }
+        out
+    }
+
+    /// Handles for one route, resolved once per config load.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let classes = [
+            StatusClass::Informational,
+            StatusClass::Success,
+            StatusClass::Redirection,
+            StatusClass::ClientError,
+            StatusClass::ServerError,
+        ]
+        .map(|status_class| {
+            self.requests
+                .get_or_create_owned(&RouteStatusLabels {
+                    route: route.to_owned(),
+                    status_class,
+                })
+        });
+        RouteMetrics {
+            by_class: Arc::new(classes),
+            duration: self.request_duration.get_or_create_owned(&RouteLabels {
+                route: route.to_owned(),
+            }),
+        }
+    }
+
+    /// Handles for one origin endpoint, resolved once per config load.
+    pub fn endpoint(&self, origin: &str, endpoint: &str, region: &str) -> EndpointMetrics {
+        let labels = EndpointLabels {
+            origin: origin.to_owned(),
+            endpoint: endpoint.to_owned(),
+            region: region.to_owned(),
+        };
+        let outcome = |outcome| {
+            self.origin_requests
+                .get_or_create_owned(&EndpointOutcomeLabels {
+                    origin: origin.to_owned(),
+                    endpoint: endpoint.to_owned(),
+                    outcome,
+                })
+        };
+        EndpointMetrics {
+            response: outcome(OriginOutcome::Response),
+            connect_error: outcome(OriginOutcome::ConnectError),
+            timeout: outcome(OriginOutcome::Timeout),
+            error: outcome(OriginOutcome::Error),
+            duration: self.origin_duration.get_or_create_owned(&labels),
+            healthy: self.endpoint_healthy.get_or_create_owned(&labels),
+        }
+    }
+
+    /// Counts a client connection opening; the returned guard counts it closing.
+    pub fn connection_opened(&self) -> ConnectionGuard {
+        self.connections.inc();
+        self.active_connections.inc();
+        ConnectionGuard {
+            gauge: self.active_connections.clone(),
+        }
+    }
+
+    /// Counts a config reload attempt.
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "rejected" };
+        self.config_reloads
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// Per-route handles: a counter per status class and the duration histogram.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    by_class: Arc<[Counter; 5]>,
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    /// Records one finished request.
+    pub fn record(&self, status: u16, seconds: f64) {
+        self.by_class[StatusClass::of(status).index()].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+/// Per-endpoint handles: attempt outcomes, response-head latency and the health gauge.
+#[derive(Clone, Debug)]
+pub struct EndpointMetrics {
+    response: Counter,
+    connect_error: Counter,
+    timeout: Counter,
+    error: Counter,
+    duration: Histogram,
+    healthy: Gauge,
+}
+
+impl EndpointMetrics {
+    /// Records how one attempt ended, with its latency when a response head arrived.
+    pub fn record(&self, outcome: OriginOutcome, seconds: f64) {
+        match outcome {
+            OriginOutcome::Response => {
+                self.response.inc();
+                self.duration.observe(seconds);
+            }
+            OriginOutcome::ConnectError => {
+                self.connect_error.inc();
+            }
+            OriginOutcome::Timeout => {
+                self.timeout.inc();
+            }
+            OriginOutcome::Error => {
+                self.error.inc();
+            }
+        }
+    }
+
+    /// Publishes whether the endpoint currently takes traffic.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.set(i64::from(healthy));
+    }
+}
+
+/// Decrements the active-connection gauge when the connection ends.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    gauge: Gauge,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_uses_prefix_units_and_bounded_labels() {
+        let m = Metrics::new("0.0.0-test");
+        m.route("api").record(503, 0.002);
+        m.endpoint("central", "127.0.0.1:8001", "us-west")
+            .record(OriginOutcome::ConnectError, 0.0);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"outpost_http_requests_total{route="api",status_class="5xx"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("outpost_http_request_duration_seconds_bucket"));
+        assert!(text.contains(
+            r#"outpost_origin_requests_total{origin="central",endpoint="127.0.0.1:8001",outcome="connect_error"} 1"#
+        ));
+        assert!(text.contains(r#"outpost_build_info{version="0.0.0-test"} 1"#));
+    }
+
+    #[test]
+    fn status_classes_cover_every_code() {
+        assert_eq!(StatusClass::of(101), StatusClass::Informational);
+        assert_eq!(StatusClass::of(204), StatusClass::Success);
+        assert_eq!(StatusClass::of(308), StatusClass::Redirection);
+        assert_eq!(StatusClass::of(451), StatusClass::ClientError);
+        assert_eq!(StatusClass::of(599), StatusClass::ServerError);
+    }
+}
