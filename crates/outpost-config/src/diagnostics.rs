@@ -165,11 +165,7 @@ fn help_for_serde_message(message: &str) -> Option<String> {
 }
 
 fn backticked(s: &str) -> Vec<String> {
-    s.split('`')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_owned)
-        .collect()
+    s.split('`').skip(1).step_by(2).map(str::to_owned).collect()
 }
 
 /// The closest candidate to `got` when it is close enough to be a typo.
@@ -199,11 +195,7 @@ pub fn locate(src: &str, problems: Vec<Problem>) -> Vec<Diagnostic> {
         .collect()
 }
 
-fn span_of(
-    src: &str,
-    doc: &toml::Spanned<DeTable<'_>>,
-    path: &[PathSeg],
-) -> Option<Range<usize>> {
+fn span_of(src: &str, doc: &toml::Spanned<DeTable<'_>>, path: &[PathSeg]) -> Option<Range<usize>> {
     let mut best = None;
     let mut current: Option<&toml::Spanned<DeValue<'_>>> = None;
     for seg in path {

@@ -107,7 +107,8 @@ impl Checker {
                     format!("`{addr}` is not a socket address"),
                     "expected ip:port",
                     Some(
-                        "write an IP and a port, e.g. \"127.0.0.1:8080\" or \"[::]:443\"".to_owned(),
+                        "write an IP and a port, e.g. \"127.0.0.1:8080\" or \"[::]:443\""
+                            .to_owned(),
                     ),
                 );
                 None
@@ -180,7 +181,9 @@ fn check_listeners(c: &mut Checker, config: &Config) {
                 admin_path.clone(),
                 format!("admin listener {admin} is reachable beyond loopback without a token"),
                 "not loopback",
-                Some("set [admin] token_file (or OUTPOST_ADMIN_TOKEN), or bind 127.0.0.1".to_owned()),
+                Some(
+                    "set [admin] token_file (or OUTPOST_ADMIN_TOKEN), or bind 127.0.0.1".to_owned(),
+                ),
             );
         }
         seen.push((admin, admin_path));
@@ -413,7 +416,9 @@ fn check_routes(c: &mut Checker, config: &Config) {
                     path(&[&"routes", &i, &"host"]),
                     format!("`{host}` is not a host name"),
                     "invalid host",
-                    Some("use an exact name (\"shop.example.com\") or \"*.example.com\"".to_owned()),
+                    Some(
+                        "use an exact name (\"shop.example.com\") or \"*.example.com\"".to_owned(),
+                    ),
                 );
             }
         }
@@ -429,7 +434,10 @@ fn check_routes(c: &mut Checker, config: &Config) {
                     r.name, config.routes[first].name
                 ),
                 "duplicate match",
-                Some("the second route could never be chosen; remove it or change its prefix".to_owned()),
+                Some(
+                    "the second route could never be chosen; remove it or change its prefix"
+                        .to_owned(),
+                ),
             );
         }
     }

@@ -35,8 +35,9 @@ fn invalid_configs_match_their_golden_messages() {
         if update {
             std::fs::write(&err_path, &got).expect("write golden");
         } else {
-            let want = std::fs::read_to_string(&err_path)
-                .unwrap_or_else(|_| panic!("missing {}; run with UPDATE_GOLDEN=1", err_path.display()));
+            let want = std::fs::read_to_string(&err_path).unwrap_or_else(|_| {
+                panic!("missing {}; run with UPDATE_GOLDEN=1", err_path.display())
+            });
             assert_eq!(got, want, "diagnostics for {name} changed");
         }
         checked += 1;
@@ -50,5 +51,8 @@ fn the_retail_example_is_valid() {
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.node.id, "tokyo-1");
     assert_eq!(config.origins["central"].endpoints.len(), 2);
-    assert_eq!(config.routes[0].max_body_bytes.map(|b| b.as_u64()), Some(1024 * 1024));
+    assert_eq!(
+        config.routes[0].max_body_bytes.map(|b| b.as_u64()),
+        Some(1024 * 1024)
+    );
 }

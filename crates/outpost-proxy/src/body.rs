@@ -194,24 +194,33 @@ pub type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
 pin_project_lite::pin_project! {
     /// Counts data bytes and calls `on_end` exactly once: at end of stream, on error, or when
     /// dropped early (client went away).
-    pub struct ObservedBody<B> {
+    pub struct ObservedBody<B>
+    where
+        B: Body,
+    {
         #[pin]
         inner: B,
         bytes: u64,
         on_end: Option<OnEnd>,
     }
 
-    impl<B> PinnedDrop for ObservedBody<B> {
+    impl<B> PinnedDrop for ObservedBody<B>
+    where
+        B: Body,
+    {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(f) = this.on_end.take() {
-                f(*this.bytes, true);
+                // hyper stops polling once a body reports its end (Content-Length reached, or
+                // an empty body): that is a complete response, not an abort.
+                let complete = this.inner.as_ref().get_ref().is_end_stream();
+                f(*this.bytes, !complete);
             }
         }
     }
 }
 
-impl<B> ObservedBody<B> {
+impl<B: Body> ObservedBody<B> {
     /// Wraps `inner`; `on_end` runs when it finishes.
     pub fn new(inner: B, on_end: OnEnd) -> Self {
         ObservedBody {
@@ -314,6 +323,17 @@ mod tests {
             full("x"),
             Box::new(move |_, aborted| s.store(aborted, Ordering::SeqCst)),
         ));
-        assert!(seen.load(Ordering::SeqCst), "dropped early counts as aborted");
+        assert!(
+            seen.load(Ordering::SeqCst),
+            "dropped early counts as aborted"
+        );
+
+        let seen = Arc::new(AtomicBool::new(true));
+        let s = seen.clone();
+        drop(ObservedBody::new(
+            empty(),
+            Box::new(move |_, aborted| s.store(aborted, Ordering::SeqCst)),
+        ));
+        assert!(!seen.load(Ordering::SeqCst), "an empty body is complete");
     }
 }

@@ -185,9 +185,8 @@ mod tests {
 
     #[test]
     fn valid_traceparent_keeps_trace_and_gets_a_new_span() {
-        let parent =
-            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-                .expect("valid");
+        let parent = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .expect("valid");
         let child = parent.child();
         assert_eq!(child.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(child.span_id, parent.span_id);

@@ -81,7 +81,12 @@ pub fn request_headers(
         for name in locator.location_headers() {
             headers.remove(name);
         }
-        for name in [X_FORWARDED_PROTO, X_FORWARDED_HOST, X_FORWARDED_PREFIX, FORWARDED] {
+        for name in [
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
+            X_FORWARDED_PREFIX,
+            FORWARDED,
+        ] {
             headers.remove(name);
         }
     }
@@ -280,7 +285,10 @@ mod tests {
     #[test]
     fn trusted_proxies_chains_are_extended() {
         let (ctx, locator) = ctx(true);
-        let mut h = hm(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
+        let mut h = hm(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ]);
         let via = HeaderValue::from_static("1.1 edge");
         let info = ForwardInfo {
             host: None,

@@ -364,7 +364,7 @@ mod tests {
             let a = GeoPoint { lat: a.0, lon: a.1 };
             let b = GeoPoint { lat: b.0, lon: b.1 };
             let d = distance_km(a, b);
-            prop_assert!(d >= 0.0 && d <= 20_016.0);
+            prop_assert!((0.0..=20_016.0).contains(&d));
             prop_assert!((d - distance_km(b, a)).abs() < 1e-6);
         }
 

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use http::{HeaderValue, Method, Request, Response, Version, header};
 use http_body::Body as _;
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use outpost_telemetry::access::{self, AccessRecord};
 use outpost_telemetry::metrics::RouteMetrics;
@@ -58,11 +59,7 @@ pub async fn handle(
 
     let (route, result) = proxy(&snap, &conn, &ctx, &via, req).await;
     let (mut resp, origin_ms, region) = match result {
-        Ok(f) => (
-            f.response.map(boxed),
-            Some(f.origin_ms),
-            Some(f.region),
-        ),
+        Ok(f) => (f.response.map(boxed), Some(f.origin_ms), Some(f.region)),
         Err(e) => {
             if e.source() == ErrorSource::Downstream {
                 tracing::debug!(request_id = %ctx.request_id, error = %e, "Request refused.");
@@ -143,21 +140,8 @@ fn observe(
                 }
             }),
         )
-        .boxed_unsync_body()
+        .boxed_unsync()
     })
-}
-
-trait BoxedUnsync {
-    fn boxed_unsync_body(self) -> ProxyBody;
-}
-
-impl<B> BoxedUnsync for ObservedBody<B>
-where
-    B: http_body::Body<Data = bytes::Bytes, Error = crate::body::BoxError> + Send + 'static,
-{
-    fn boxed_unsync_body(self) -> ProxyBody {
-        http_body_util::BodyExt::boxed_unsync(self)
-    }
 }
 
 fn version_str(v: Version) -> &'static str {
@@ -203,12 +187,19 @@ async fn proxy(
     }
     let path = req.uri().path();
     if !path.starts_with('/') {
-        return (None, Err(ProxyError::BadRequest("request target must be an absolute path")));
+        return (
+            None,
+            Err(ProxyError::BadRequest(
+                "request target must be an absolute path",
+            )),
+        );
     }
     if has_dot_segment(path) {
         return (
             None,
-            Err(ProxyError::BadRequest("request path must not contain '.' or '..' segments")),
+            Err(ProxyError::BadRequest(
+                "request path must not contain '.' or '..' segments",
+            )),
         );
     }
     if filters::is_loop(req.headers(), &snap.config.node.id) {
@@ -373,7 +364,14 @@ mod tests {
 
     #[test]
     fn dot_segments_are_refused_in_any_spelling() {
-        for p in ["/a/../b", "/a/./b", "/..", "/a/%2e%2e/b", "/a/%2E/b", "/a/.%2e"] {
+        for p in [
+            "/a/../b",
+            "/a/./b",
+            "/..",
+            "/a/%2e%2e/b",
+            "/a/%2E/b",
+            "/a/.%2e",
+        ] {
             assert!(has_dot_segment(p), "{p}");
         }
         for p in ["/a/b", "/a/.well-known/x", "/a/..b", "/"] {

@@ -114,7 +114,8 @@ impl Snapshot {
                 .map(|r| (r.host.as_deref(), r.path_prefix.as_str())),
         );
         let id = &config.node.id;
-        let header = |s: String| HeaderValue::try_from(s).map_err(|_| BuildError::NodeId(id.clone()));
+        let header =
+            |s: String| HeaderValue::try_from(s).map_err(|_| BuildError::NodeId(id.clone()));
         Ok(Snapshot {
             node_id: header(id.clone())?,
             via_h1: header(format!("1.1 {id}"))?,

@@ -167,14 +167,17 @@ impl Server {
             }
         }
         for (addr, listener, settings) in plan.bind {
-            let local = listener.local_addr().unwrap_or_else(|_| {
-                SocketAddr::from(([0, 0, 0, 0], 0))
-            });
+            let local = listener
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
             let tls = settings.tls.is_some();
             let settings = Arc::new(ArcSwap::from_pointee(settings));
             let stop = self.shutdown.child_token();
             tracing::info!(addr = %local, tls, "Listening.");
-            tokio::spawn(self.clone().accept_loop(listener, settings.clone(), stop.clone()));
+            tokio::spawn(
+                self.clone()
+                    .accept_loop(listener, settings.clone(), stop.clone()),
+            );
             listeners.insert(
                 addr,
                 ListenerHandle {
@@ -303,8 +306,12 @@ impl Server {
         }
     }
 
-    async fn serve<I>(&self, builder: auto::Builder<TokioExecutor>, io: TokioIo<I>, conn: Arc<ConnInfo>)
-    where
+    async fn serve<I>(
+        &self,
+        builder: auto::Builder<TokioExecutor>,
+        io: TokioIo<I>,
+        conn: Arc<ConnInfo>,
+    ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let node = self.node.clone();

@@ -12,7 +12,9 @@ use tokio_rustls::TlsAcceptor;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The certificate file is unreadable or holds no PEM certificate.
-    #[error("cannot load TLS certificate chain from {path}: {reason}; expected PEM `CERTIFICATE` blocks, leaf first")]
+    #[error(
+        "cannot load TLS certificate chain from {path}: {reason}; expected PEM `CERTIFICATE` blocks, leaf first"
+    )]
     Cert {
         /// The file.
         path: PathBuf,
@@ -20,7 +22,9 @@ pub enum TlsError {
         reason: String,
     },
     /// The key file is unreadable or holds no supported private key.
-    #[error("cannot load TLS private key from {path}: {reason}; expected a PEM PKCS#8, PKCS#1 or SEC1 key")]
+    #[error(
+        "cannot load TLS private key from {path}: {reason}; expected a PEM PKCS#8, PKCS#1 or SEC1 key"
+    )]
     Key {
         /// The file.
         path: PathBuf,

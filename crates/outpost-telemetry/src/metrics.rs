@@ -250,11 +250,10 @@ impl Metrics {
             StatusClass::ServerError,
         ]
         .map(|status_class| {
-            self.requests
-                .get_or_create_owned(&RouteStatusLabels {
-                    route: route.to_owned(),
-                    status_class,
-                })
+            self.requests.get_or_create_owned(&RouteStatusLabels {
+                route: route.to_owned(),
+                status_class,
+            })
         });
         RouteMetrics {
             by_class: Arc::new(classes),

@@ -1,1 +1,99 @@
-fn main() {}
+//! `outpost`: the edge node binary. Parses the CLI and wires the crates together; no request
+//! logic lives here.
+//!
+//! # Layout
+//! - `main.rs`: the CLI (`serve`, `check`, `completions`).
+//! - [`serve`]: node lifecycle — start, reload on SIGHUP, drain on SIGTERM/SIGINT.
+//! - [`admin`]: the admin API (`/metrics`, `/livez`, `/readyz`, `/origins`).
+
+mod admin;
+mod serve;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use outpost_config::{Config, ConfigError};
+
+/// Outpost edge node: proxies, routes and guards requests in front of origin APIs.
+#[derive(Debug, Parser)]
+#[command(name = "outpost", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run an edge node with a config file (SIGHUP reloads it, SIGTERM drains and exits).
+    Serve {
+        /// Path to the node's TOML config.
+        #[arg(short, long, env = "OUTPOST_CONFIG", default_value = "outpost.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit: 0 when valid, 1 with diagnostics otherwise.
+    Check {
+        /// Path to the node's TOML config.
+        #[arg(short, long, env = "OUTPOST_CONFIG", default_value = "outpost.toml")]
+        config: PathBuf,
+    },
+    /// Print a shell completion script (e.g. `outpost completions bash > /etc/bash_completion.d/outpost`).
+    Completions {
+        /// Target shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "outpost", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config } => match serve::run(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                // Diagnostics are already formatted; other errors get their cause chain.
+                let _ = writeln!(std::io::stderr(), "error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} listener(s), {} origin group(s), {} route(s))",
+                path.display(),
+                config.listeners.len(),
+                config.origins.len(),
+                config.routes.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(ConfigError::Invalid(d)) => {
+            let _ = write!(std::io::stderr(), "{}", d.render());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -68,7 +68,10 @@ async fn check(endpoint: &Endpoint, cfg: &HealthCheck) -> bool {
     let Ok(req) = Request::get(uri)
         .version(endpoint.version())
         .header(header::HOST, endpoint.authority.as_str())
-        .header(header::USER_AGENT, concat!("outpost-health/", env!("CARGO_PKG_VERSION")))
+        .header(
+            header::USER_AGENT,
+            concat!("outpost-health/", env!("CARGO_PKG_VERSION")),
+        )
         .body(empty())
     else {
         return false;

@@ -165,7 +165,6 @@ impl Endpoint {
             .authority(self.authority.clone())
             .path_and_query(path_and_query)
             .build()
-            .map_err(Into::into)
     }
 
     /// The HTTP version requests to this endpoint must carry.

@@ -16,7 +16,7 @@ Endpoints
     kept), body_len, body_sha256, region. The body is hashed as it streams.
 ``POST|PUT /upload``
     Streams the body; returns ``{"len": n, "sha256": hex}``.
-``GET /bytes/{n}``
+``GET|HEAD /bytes/{n}``
     Exactly ``n`` bytes with ``Content-Length: n``; byte ``i`` is ``i % 251``.
     Generated lazily in 64 KiB chunks, so ``n`` may be huge.
 ``GET /slow?ms=N``
@@ -33,8 +33,10 @@ Endpoints
 ``POST /control/health`` ``{"healthy": bool}``
     Marks the origin healthy or unhealthy.
 ``GET /control/hits``
-    ``{"healthz": n, "total": n}``: requests seen since start (or the last
-    ``POST /control/hits/reset``), this one included.
+    ``{"healthz": n, "total": n, "slow_in_flight": n}``: requests seen since
+    start (or the last ``POST /control/hits/reset``), this one included, and
+    ``/slow`` requests currently sleeping (what tests wait on to know a request
+    is in flight).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ _PERIOD = 251
 _PATTERN = bytes(i % _PERIOD for i in range(CHUNK + _PERIOD))
 
 healthy = True
-hits = {"healthz": 0, "total": 0}
+hits = {"healthz": 0, "total": 0, "slow_in_flight": 0}
 
 
 class OriginMiddleware:
@@ -137,8 +139,10 @@ async def _pattern_bytes(n: int) -> AsyncIterator[bytes]:
         offset += size
 
 
-@app.get("/bytes/{n}")
-async def pattern_bytes(n: int = Path(ge=0)) -> StreamingResponse:
+@app.api_route("/bytes/{n}", methods=["GET", "HEAD"])
+async def pattern_bytes(request: Request, n: int = Path(ge=0)) -> Response:
+    if request.method == "HEAD":
+        return Response(media_type="application/octet-stream", headers={"content-length": str(n)})
     return StreamingResponse(
         _pattern_bytes(n),
         media_type="application/octet-stream",
@@ -148,7 +152,11 @@ async def pattern_bytes(n: int = Path(ge=0)) -> StreamingResponse:
 
 @app.get("/slow")
 async def slow(ms: int = Query(0, ge=0)) -> dict:
-    await asyncio.sleep(ms / 1000)
+    hits["slow_in_flight"] += 1
+    try:
+        await asyncio.sleep(ms / 1000)
+    finally:
+        hits["slow_in_flight"] -= 1
     return {"slept_ms": ms}
 
 
@@ -201,5 +209,5 @@ async def get_hits() -> dict:
 
 @app.post("/control/hits/reset")
 async def reset_hits() -> dict:
-    hits["healthz"] = hits["total"] = 0
+    hits["healthz"] = hits["total"] = 0  # slow_in_flight is live state, not a count
     return dict(hits)

@@ -130,5 +130,12 @@ def test_health_flip_and_hits(client):
     assert client.post("/control/health", json={"healthy": "maybe"}).status_code == 422
 
     # 3 healthz + 3 control/health + this request
-    assert client.get("/control/hits").json() == {"healthz": 3, "total": 7}
-    assert client.post("/control/hits/reset").json() == {"healthz": 0, "total": 0}
+    assert client.get("/control/hits").json() == {"healthz": 3, "total": 7, "slow_in_flight": 0}
+    assert client.post("/control/hits/reset").json() == {"healthz": 0, "total": 0, "slow_in_flight": 0}
+
+
+def test_bytes_head(client):
+    r = client.head("/bytes/1073741824")
+    assert r.status_code == 200
+    assert r.headers["content-length"] == "1073741824"
+    assert r.content == b""

@@ -1,0 +1,158 @@
+//! The admin API (axum), loopback by default.
+//!
+//! Read-only endpoints (`/metrics`, `/livez`, `/readyz`, `/origins`) are open on the admin
+//! listener; anything that changes the node (`POST /reload`, later purge and deploys) needs
+//! `Authorization: Bearer <token>` and is disabled when no token is configured.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::serve::Lifecycle;
+
+/// Serves the admin API until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    life: Arc<Lifecycle>,
+    shutdown: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/origins", get(origins))
+        .route("/reload", post(reload))
+        .with_state(life);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "Admin API stopped.");
+    }
+}
+
+async fn metrics(State(life): State<Arc<Lifecycle>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        life.node.metrics().encode(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(life): State<Arc<Lifecycle>>) -> Response {
+    if life.draining.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if life.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+/// Each origin group's endpoints and whether they take traffic: the operator's first question
+/// when requests fail over.
+async fn origins(State(life): State<Arc<Lifecycle>>) -> Response {
+    let snap = life.node.snapshot();
+    let mut groups: Vec<_> = snap
+        .origins
+        .groups()
+        .map(|g| {
+            let endpoints: Vec<_> = g
+                .endpoints
+                .iter()
+                .map(|e| {
+                    json!({
+                        "endpoint": e.authority.as_str(),
+                        "region": e.region,
+                        "location": { "lat": e.location.lat, "lon": e.location.lon },
+                        "healthy": e.actively_healthy(),
+                        "ejected": e.is_ejected(),
+                        "available": e.is_available(),
+                    })
+                })
+                .collect();
+            (
+                g.name.clone(),
+                json!({ "name": g.name, "endpoints": endpoints }),
+            )
+        })
+        .collect();
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    let list: Vec<_> = groups.into_iter().map(|(_, v)| v).collect();
+    axum::Json(json!({ "origins": list })).into_response()
+}
+
+async fn reload(State(life): State<Arc<Lifecycle>>, headers: HeaderMap) -> Response {
+    if let Err(resp) = authorize(&life, &headers) {
+        return resp;
+    }
+    match life.reload().await {
+        Ok(()) => {
+            tracing::info!("Configuration reloaded (admin API).");
+            (StatusCode::OK, "reloaded\n").into_response()
+        }
+        Err(diagnostics) => {
+            tracing::error!(diagnostics = %diagnostics, "Configuration rejected; the previous one keeps serving.");
+            (StatusCode::UNPROCESSABLE_ENTITY, diagnostics).into_response()
+        }
+    }
+}
+
+/// Checks the bearer token in constant time.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the ready-made HTTP response"
+)]
+fn authorize(life: &Lifecycle, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = life.admin_token.as_deref() else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "mutating admin calls are disabled: set [admin] token_file or OUTPOST_ADMIN_TOKEN\n",
+        )
+            .into_response());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "missing or wrong admin token\n",
+        )
+            .into_response())
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

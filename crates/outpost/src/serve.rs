@@ -1,0 +1,192 @@
+//! `outpost serve`: start the node, reload on SIGHUP (or `POST /reload`), drain on SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, anyhow};
+use outpost_config::{Config, ConfigError, LogFormat};
+use outpost_proxy::{Node, Server};
+use outpost_telemetry::{Metrics, logging};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::admin;
+
+/// Version reported in metrics and logs.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Shared by the signal loop and the admin API.
+pub struct Lifecycle {
+    /// The config file, re-read on every reload.
+    pub config_path: PathBuf,
+    /// The running node.
+    pub node: Arc<Node>,
+    /// Its listeners.
+    pub server: Arc<Server>,
+    /// Set once listeners are bound; `/readyz` reports it.
+    pub ready: AtomicBool,
+    /// Set when draining starts; `/readyz` turns 503 so balancers stop sending traffic.
+    pub draining: AtomicBool,
+    /// Token for mutating admin calls; none means those calls are disabled.
+    pub admin_token: Option<String>,
+    /// Serialises reloads (SIGHUP and admin may race).
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Lifecycle {
+    /// Re-reads the config file and swaps it in atomically; on any problem the running config
+    /// stays and the problem is returned as text for the operator.
+    pub async fn reload(&self) -> Result<(), String> {
+        let _serial = self.reload_lock.lock().await;
+        let config = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(ConfigError::Invalid(d)) => {
+                self.node.metrics().config_reload(false);
+                return Err(d.render());
+            }
+            Err(e) => {
+                self.node.metrics().config_reload(false);
+                return Err(e.to_string());
+            }
+        };
+        let current = self.node.snapshot().config.clone();
+        if config.admin.addr != current.admin.addr {
+            tracing::warn!(
+                old = %current.admin.addr,
+                new = %config.admin.addr,
+                "The admin address changes only on restart; keeping the old one."
+            );
+        }
+        let plan = match self.server.plan(&config).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.node.metrics().config_reload(false);
+                return Err(e.to_string());
+            }
+        };
+        self.node.reload(config).map_err(|e| e.to_string())?;
+        self.server.commit(plan);
+        Ok(())
+    }
+}
+
+/// Loads the config, runs the node until SIGTERM/SIGINT, drains and returns.
+pub fn run(path: &Path) -> anyhow::Result<()> {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(ConfigError::Invalid(d)) => return Err(anyhow!("{}", d.render().trim_end())),
+        Err(e) => return Err(e.into()),
+    };
+    let format = match config.log.format {
+        LogFormat::Auto => logging::Format::Auto,
+        LogFormat::Json => logging::Format::Json,
+        LogFormat::Text => logging::Format::Text,
+    };
+    logging::init(format, &config.log.level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("outpost-worker")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(path.to_path_buf(), config))
+}
+
+fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
+    if let Ok(t) = std::env::var("OUTPOST_ADMIN_TOKEN")
+        && !t.is_empty()
+    {
+        return Ok(Some(t));
+    }
+    if let Some(file) = &config.admin.token_file {
+        let path = config.base_dir.join(file);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read admin token file {}", path.display()))?;
+        let token = text.lines().next().unwrap_or("").trim().to_owned();
+        if token.is_empty() {
+            return Err(anyhow!("admin token file {} is empty", path.display()));
+        }
+        return Ok(Some(token));
+    }
+    Ok(config.admin.token.clone().filter(|t| !t.is_empty()))
+}
+
+async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let token = admin_token(&config)?;
+    let drain_timeout = config.server.drain_timeout;
+    let admin_addr = config.admin.addr.clone();
+    let node_id = config.node.id.clone();
+    let metrics = Metrics::new(VERSION);
+    let node = Node::new(config, metrics).context("cannot build the node from its config")?;
+    let server = Server::start(node.clone()).await?;
+    let admin_listener = tokio::net::TcpListener::bind(&admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on admin address {admin_addr}"))?;
+    let admin_local = admin_listener.local_addr()?;
+
+    let life = Arc::new(Lifecycle {
+        config_path,
+        node,
+        server: server.clone(),
+        ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        admin_token: token,
+        reload_lock: tokio::sync::Mutex::new(()),
+    });
+    let admin_shutdown = tokio_util::sync::CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        life.clone(),
+        admin_shutdown.clone(),
+    ));
+
+    let mut listeners: Vec<String> = server
+        .local_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    listeners.sort();
+    life.ready.store(true, Ordering::Release);
+    tracing::info!(
+        node = %node_id,
+        version = VERSION,
+        listeners = %listeners.join(","),
+        admin = %admin_local,
+        "Outpost ready."
+    );
+
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match life.reload().await {
+                    Ok(()) => tracing::info!("Configuration reloaded."),
+                    Err(e) => tracing::error!(diagnostics = %e, "Configuration rejected; the previous one keeps serving."),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    life.draining.store(true, Ordering::Release);
+    let open = server.open_connections();
+    tracing::info!(
+        open_connections = open,
+        timeout_secs = drain_timeout.as_secs_f64(),
+        "Draining."
+    );
+    let drained = server.drain(drain_timeout).await;
+    admin_shutdown.cancel();
+    let _ = admin_task.await;
+    if drained {
+        tracing::info!("Drained; exiting.");
+    } else {
+        tracing::warn!(
+            open_connections = server.open_connections(),
+            "Drain timeout reached; closing remaining connections."
+        );
+    }
+    Ok(())
+}

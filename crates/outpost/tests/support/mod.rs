@@ -1,0 +1,520 @@
+//! The end-to-end test DSL: real FastAPI origins under uvicorn, real `outpost` processes,
+//! ephemeral ports, and waits on conditions with deadlines instead of sleeps.
+//!
+//! ```ignore
+//! let us = Origin::echo("us-west").await;
+//! let node = Node::start(&NodeConfig::new().origin("api", &[(&us, PORTLAND)]).route("api", "/", "api")).await;
+//! let resp = node.client().get(node.url("/echo/x")).send().await?;
+//! ```
+
+#![allow(dead_code, reason = "each test uses a different part of the DSL")]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where the repo is, to find the Python origins and the venv.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("OUTPOST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = repo_root().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "no Python venv at {}: run scripts/py-env (or scripts/test) first",
+        p.display()
+    );
+    p
+}
+
+/// Polls `cond` until it is true or `deadline` passes (then panics with `what`).
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Collects a child's output lines in the background.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<String>>>);
+
+impl Lines {
+    fn capture(&self, stream: impl std::io::Read + Send + 'static) {
+        let lines = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if let Ok(mut l) = lines.lock() {
+                    l.push(line);
+                }
+            }
+        });
+    }
+
+    /// A copy of every line so far.
+    pub fn all(&self) -> Vec<String> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Whether any line contains `needle`.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.all().iter().any(|l| l.contains(needle))
+    }
+}
+
+/// A FastAPI origin served by uvicorn on a loopback port.
+pub struct Origin {
+    child: Option<Child>,
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// Region label the app reports in `X-Origin-Region`.
+    pub region: String,
+    app_dir: PathBuf,
+    module: String,
+    stderr: Lines,
+}
+
+impl Origin {
+    /// The test origin (`tests/origin/echo_app.py`): echo, bytes, upload, slow, health switch.
+    pub async fn echo(region: &str) -> Origin {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/origin");
+        Origin::spawn(dir, "echo_app:app", region, 0).await
+    }
+
+    /// The retail example's central app.
+    pub async fn retail(region: &str) -> Origin {
+        Origin::spawn(
+            repo_root().join("examples/retail"),
+            "central:app",
+            region,
+            0,
+        )
+        .await
+    }
+
+    async fn spawn(app_dir: PathBuf, module: &str, region: &str, port: u16) -> Origin {
+        let db = std::env::temp_dir().join(format!(
+            "outpost-test-{}-{}-{}.db",
+            region,
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let mut child = Command::new(python())
+            .args(["-m", "uvicorn", "--app-dir"])
+            .arg(&app_dir)
+            .arg(module)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--log-level", "info", "--no-access-log"])
+            .env("REGION", region)
+            .env("SALES_DB", db)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("uvicorn starts");
+        let stderr = Lines::default();
+        if let Some(s) = child.stderr.take() {
+            stderr.capture(s);
+        }
+        let start = Instant::now();
+        let addr = loop {
+            let found = stderr.all().iter().find_map(|l| {
+                let rest = l.split("Uvicorn running on http://").nth(1)?;
+                rest.split_whitespace().next()?.parse::<SocketAddr>().ok()
+            });
+            if let Some(a) = found {
+                break a;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "uvicorn exited with {status} before listening:\n{}",
+                    stderr.all().join("\n")
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "uvicorn did not start:\n{}",
+                stderr.all().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Origin {
+            child: Some(child),
+            addr,
+            region: region.to_owned(),
+            app_dir,
+            module: module.to_owned(),
+            stderr,
+        }
+    }
+
+    /// `http://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Kills the origin process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the origin again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let again = Origin::spawn(
+            self.app_dir.clone(),
+            &self.module,
+            &self.region,
+            self.addr.port(),
+        )
+        .await;
+        *self = again;
+    }
+
+    /// Switches the echo app's `/healthz` between 200 and 503.
+    pub async fn set_healthy(&self, healthy: bool) {
+        let resp = client()
+            .post(format!("{}/control/health", self.url()))
+            .json(&serde_json::json!({ "healthy": healthy }))
+            .send()
+            .await
+            .expect("control call");
+        assert!(resp.status().is_success());
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A plain HTTP client that never uses a proxy from the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// Portland, Dublin, Tokyo, Paris: the geography of the tests.
+pub const PORTLAND: (f64, f64) = (45.52, -122.68);
+/// Dublin.
+pub const DUBLIN: (f64, f64) = (53.35, -6.26);
+/// Tokyo (where test nodes stand).
+pub const TOKYO: (f64, f64) = (35.68, 139.69);
+/// Paris.
+pub const PARIS: (f64, f64) = (48.85, 2.35);
+
+/// Builds a node config in TOML.
+#[derive(Clone)]
+pub struct NodeConfig {
+    head: String,
+    origins: String,
+    routes: String,
+    extra: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NodeConfig {
+    /// A node `test-node` in Tokyo with one plain listener and an admin API on ephemeral ports.
+    pub fn new() -> NodeConfig {
+        NodeConfig {
+            head: format!(
+                "version = 1\n[node]\nid = \"test-node\"\nregion = \"ap-northeast\"\nlocation = {{ lat = {}, lon = {} }}\n\n[[listeners]]\naddr = \"127.0.0.1:0\"\n\n[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"test-token\"\n",
+                TOKYO.0, TOKYO.1
+            ),
+            origins: String::new(),
+            routes: String::new(),
+            extra: String::new(),
+        }
+    }
+
+    /// Adds an origin group; `settings` is TOML for `[origins.NAME]` (timeouts, health …).
+    pub fn origin(
+        mut self,
+        name: &str,
+        endpoints: &[(&Origin, (f64, f64))],
+        settings: &str,
+    ) -> Self {
+        self.origins
+            .push_str(&format!("\n[origins.{name}]\n{settings}\n"));
+        for (o, (lat, lon)) in endpoints {
+            self.origins.push_str(&format!(
+                "[[origins.{name}.endpoints]]\nurl = \"{}\"\nregion = \"{}\"\nlocation = {{ lat = {lat}, lon = {lon} }}\n",
+                o.url(),
+                o.region
+            ));
+        }
+        self
+    }
+
+    /// Adds a route; `settings` is extra TOML inside the `[[routes]]` table.
+    pub fn route(mut self, name: &str, prefix: &str, origin: &str, settings: &str) -> Self {
+        self.routes.push_str(&format!(
+            "\n[[routes]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\norigin = \"{origin}\"\n{settings}\n"
+        ));
+        self
+    }
+
+    /// Appends raw TOML (e.g. `[server]` or `[client_location]` sections).
+    pub fn raw(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    /// Replaces the listener section (e.g. for TLS).
+    pub fn listeners(mut self, toml: &str) -> Self {
+        self.head = self
+            .head
+            .replace("[[listeners]]\naddr = \"127.0.0.1:0\"\n", toml);
+        self
+    }
+
+    /// The TOML text.
+    pub fn render(&self) -> String {
+        format!(
+            "{}\n{}\n{}\n{}",
+            self.head, self.extra, self.origins, self.routes
+        )
+    }
+}
+
+/// A running `outpost serve` process.
+pub struct Node {
+    child: Option<Child>,
+    /// First listener address.
+    pub addr: SocketAddr,
+    /// Admin API address.
+    pub admin: SocketAddr,
+    /// Config file path (rewrite it and call [`Node::reload`]).
+    pub config_path: PathBuf,
+    /// Scratch directory holding the config (and certificates).
+    pub dir: tempfile::TempDir,
+    /// Everything the node printed on stdout (JSON logs).
+    pub logs: Lines,
+}
+
+/// Path of the binary under test.
+pub fn outpost_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_outpost")
+}
+
+impl Node {
+    /// Writes the config to a temp dir and starts a node; waits for its ready line.
+    pub async fn start(config: &NodeConfig) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Node::start_in(dir, &config.render()).await
+    }
+
+    /// Starts a node whose config text is written into `dir` (which may hold certs).
+    pub async fn start_in(dir: tempfile::TempDir, toml: &str) -> Node {
+        let config_path = dir.path().join("outpost.toml");
+        std::fs::write(&config_path, toml).expect("write config");
+        let mut child = Command::new(outpost_bin())
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .env_remove("OUTPOST_ADMIN_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("outpost starts");
+        let logs = Lines::default();
+        if let Some(s) = child.stdout.take() {
+            logs.capture(s);
+        }
+        if let Some(s) = child.stderr.take() {
+            logs.capture(s);
+        }
+        let start = Instant::now();
+        let ready = loop {
+            let line = logs.all().into_iter().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(&l).ok()?;
+                (v["message"] == "Outpost ready.").then_some(v)
+            });
+            if let Some(v) = line {
+                break v;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "outpost exited with {status} before it was ready:\n{}",
+                    logs.all().join("\n")
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "outpost not ready:\n{}",
+                logs.all().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let addr = ready["listeners"]
+            .as_str()
+            .and_then(|s| s.split(',').next())
+            .and_then(|s| s.parse().ok())
+            .expect("listener address in ready line");
+        let admin = ready["admin"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("admin address in ready line");
+        Node {
+            child: Some(child),
+            addr,
+            admin,
+            config_path,
+            dir,
+            logs,
+        }
+    }
+
+    /// `http://node/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// `http://admin/path`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Sends a signal (`libc::SIGHUP`, `libc::SIGTERM` …).
+    pub fn signal(&self, sig: i32) {
+        let pid = i32::try_from(self.pid()).expect("pid fits");
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        #[expect(unsafe_code, reason = "sending a signal to the child under test")]
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "outpost did not exit in {deadline:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// The value of one metric sample line (exact label text), 0 if absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The `/origins` JSON.
+    pub async fn origins(&self) -> serde_json::Value {
+        client()
+            .get(self.admin_url("/origins"))
+            .send()
+            .await
+            .expect("origins")
+            .json()
+            .await
+            .expect("origins json")
+    }
+
+    /// Whether the endpoint at `addr` currently takes traffic.
+    pub async fn available(&self, addr: SocketAddr) -> bool {
+        let v = self.origins().await;
+        v["origins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["endpoints"].as_array().cloned().unwrap_or_default())
+            .any(|e| e["endpoint"] == addr.to_string() && e["available"] == true)
+    }
+
+    /// Whether the endpoint at `addr` is out of rotation.
+    pub async fn unavailable(&self, addr: SocketAddr) -> bool {
+        !self.available(addr).await
+    }
+
+    /// Peak resident memory of the node process, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sends raw bytes on a fresh connection and returns everything the node answered until it
+/// closed the connection or `deadline` passed.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], deadline: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(deadline, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
