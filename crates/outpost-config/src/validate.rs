@@ -135,11 +135,51 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     c.name(path(&[&"node", &"id"]), "node id", &config.node.id);
     c.point(path(&[&"node", &"location"]), &config.node.location);
 
+    check_server(&mut c, config);
     check_listeners(&mut c, config);
     check_client_location(&mut c, config);
     check_origins(&mut c, config);
     check_routes(&mut c, config);
     c.problems
+}
+
+fn check_server(c: &mut Checker, config: &Config) {
+    let s = &config.server;
+    if s.max_header_bytes.as_u64() < 8 * 1024 {
+        c.report(
+            path(&[&"server", &"max_header_bytes"]),
+            format!(
+                "max_header_bytes {} is below the 8 KiB minimum",
+                s.max_header_bytes
+            ),
+            "too small",
+            Some(
+                "request heads need at least \"8 KiB\"; browsers send 1-4 KiB plus cookies"
+                    .to_owned(),
+            ),
+        );
+    }
+    if s.max_headers == 0 || s.max_connections == 0 {
+        let key = if s.max_headers == 0 {
+            "max_headers"
+        } else {
+            "max_connections"
+        };
+        c.report(
+            path(&[&"server", &key]),
+            format!("{key} must be at least 1"),
+            "zero",
+            None,
+        );
+    }
+    if s.header_read_timeout.is_zero() {
+        c.report(
+            path(&[&"server", &"header_read_timeout"]),
+            "header_read_timeout must be positive".to_owned(),
+            "zero",
+            Some("e.g. \"10s\"".to_owned()),
+        );
+    }
 }
 
 fn check_listeners(c: &mut Checker, config: &Config) {
