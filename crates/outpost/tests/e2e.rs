@@ -820,3 +820,23 @@ async fn retail_example_serves_the_catalog_and_records_sales_through_the_edge() 
         .expect("req");
     assert_eq!(r.status(), 422, "FastAPI's validation error passes through");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn origins_configured_for_h2_get_http2() {
+    let addr = h2_origin().await;
+    let toml = format!(
+        "{}\n[origins.grpcish]\nprotocol = \"h2\"\n[[origins.grpcish.endpoints]]\nurl = \"http://{addr}\"\nregion = \"local\"\nlocation = {{ lat = 0.0, lon = 0.0 }}\n\n[[routes]]\nname = \"h2\"\npath_prefix = \"/\"\norigin = \"grpcish\"\n",
+        NodeConfig::new().render()
+    );
+    let node = Node::start_in(tempfile::tempdir().expect("tempdir"), &toml).await;
+    // An HTTP/1.1 client in front, HTTP/2 behind.
+    for _ in 0..3 {
+        let r = client()
+            .get(node.url("/h2/check"))
+            .send()
+            .await
+            .expect("req");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.expect("body"), "HTTP/2.0 /h2/check");
+    }
+}
