@@ -67,6 +67,10 @@ pub struct Node {
     pub region: Option<String>,
     /// Where the node stands; used when nothing better is known about a client.
     pub location: GeoPoint,
+    /// Worker threads; 0 = one per CPU the process may run on. With one worker the node runs a
+    /// single-threaded event loop (no cross-thread scheduling), like one nginx worker.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 /// One public listener.

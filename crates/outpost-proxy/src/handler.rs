@@ -263,10 +263,15 @@ async fn forward(
     );
 
     let exceeded = Arc::new(AtomicBool::new(false));
-    let body: ProxyBody = if body.is_end_stream() {
-        empty()
+    // Bodiless requests (most GETs) skip the replay machinery: every attempt gets an empty body.
+    let replay = if body.is_end_stream() {
+        None
     } else {
-        boxed(LimitedBody::new(body, route.max_body, exceeded.clone()))
+        Some(ReplayableBody::new(boxed(LimitedBody::new(
+            body,
+            route.max_body,
+            exceeded.clone(),
+        ))))
     };
 
     let candidates = route.group.nearest_available(ctx.location.point);
@@ -275,7 +280,6 @@ async fn forward(
     }
     // One retry on another endpoint, only when the first could not even connect.
     let attempts = candidates.len().min(2);
-    let replay = ReplayableBody::new(body);
     let mut headers = Some(headers);
     let mut last_error = None;
     for (i, endpoint) in candidates.iter().take(attempts).enumerate() {
@@ -287,7 +291,8 @@ async fn forward(
         let uri = endpoint
             .uri_for(&path_and_query)
             .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
-        let mut upstream = Request::new(replay.attempt());
+        let mut upstream =
+            Request::new(replay.as_ref().map_or_else(empty, ReplayableBody::attempt));
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = uri;
         *upstream.version_mut() = endpoint.version();
@@ -315,7 +320,7 @@ async fn forward(
                 last_error = Some(ProxyError::OriginConnect {
                     endpoint: endpoint.authority.to_string(),
                 });
-                if !replay.is_untouched() {
+                if replay.as_ref().is_some_and(|r| !r.is_untouched()) {
                     break;
                 }
             }

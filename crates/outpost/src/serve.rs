@@ -83,7 +83,18 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         LogFormat::Text => logging::Format::Text,
     };
     logging::init(format, &config.log.level);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let workers = match config.node.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = builder
         .enable_all()
         .thread_name("outpost-worker")
         .build()

@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# bench/proxy.sh: the pass-through benchmark. One origin, three ways to reach it, same run:
+#
+#   direct   wrk -> origin
+#   nginx    wrk -> nginx (1 worker)  -> origin   (upstream keepalive)
+#   outpost  wrk -> outpost serve     -> origin
+#
+# Pinning (2 cores): the proxy under test alone on core 0; the origin and wrk share core 1.
+# For each target: requests, req/s, p50/p99 latency, and the CPU the server spent per request
+# (utime+stime from /proc, see bench/lib.sh). Then outpost/nginx ratios.
+#
+# Settings (environment), besides those of bench/lib.sh (BENCH_DURATION, BENCH_CONNECTIONS, ...):
+#   BENCH_SKIP_OUTPOST=1   measure direct and nginx only (and do not build outpost)
+#   BENCH_OUTPOST_BIN      an outpost binary to measure instead of building one
+#   BENCH_BODY_BYTES       size of the origin's response body   (default 1024)
+#   BENCH_SERVER_CPU       core of the proxy under test           (default 0)
+#   BENCH_ORIGIN_CPU       core of the origin                     (default 1)
+#   BENCH_READY_TIMEOUT    seconds outpost gets to become ready   (default 20)
+#
+# See bench/README.md.
+set -euo pipefail
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+: "${BENCH_SKIP_OUTPOST:=0}"
+: "${BENCH_BODY_BYTES:=1024}"
+: "${BENCH_SERVER_CPU:=0}"
+: "${BENCH_ORIGIN_CPU:=1}"
+: "${BENCH_READY_TIMEOUT:=20}"
+
+bench_init proxy
+bench_require_tools nginx wrk curl taskset getconf pgrep ss awk
+BENCH_EXTRA_JSON="\"body_bytes\":$BENCH_BODY_BYTES,\"server_cpu\":\"$BENCH_SERVER_CPU\",\"origin_cpu\":\"$BENCH_ORIGIN_CPU\""
+
+taskset -c "$BENCH_SERVER_CPU,$BENCH_ORIGIN_CPU,$BENCH_CLIENT_CPU" true 2>/dev/null ||
+    bench_die "cores $BENCH_SERVER_CPU, $BENCH_ORIGIN_CPU and $BENCH_CLIENT_CPU are not all usable here (taskset)"
+
+# --- build -------------------------------------------------------------------------------
+target_dir=${CARGO_TARGET_DIR:-$BENCH_REPO_DIR/target}
+[[ $target_dir == /* ]] || target_dir=$BENCH_REPO_DIR/$target_dir
+packages=(-p outpost-bench-origin)
+[[ $BENCH_SKIP_OUTPOST == 1 || -n ${BENCH_OUTPOST_BIN:-} ]] || packages=(-p outpost "${packages[@]}")
+bench_log "building: cargo build --release ${packages[*]}"
+(cd "$BENCH_REPO_DIR" && cargo build --release "${packages[@]}") ||
+    bench_die "cargo build failed (BENCH_SKIP_OUTPOST=1 builds and measures without outpost)"
+origin_bin=$target_dir/release/outpost-bench-origin
+outpost_bin=${BENCH_OUTPOST_BIN:-$target_dir/release/outpost}
+[[ -x $origin_bin ]] || bench_die "no $origin_bin after the build"
+
+# Checks that URL answers 200 with the origin's body, so that a proxy answering something
+# else (an error page, say) is not what gets measured.
+check_body() {
+    local url=$1 got
+    got=$(curl -s --noproxy '*' --max-time 2 -o /dev/null -w '%{http_code} %{size_download}' "$url") || true
+    [[ $got == "200 $BENCH_BODY_BYTES" ]] && return 0
+    bench_log "$url answered '${got:-nothing}' (status and body size), expected '200 $BENCH_BODY_BYTES'"
+    return 1
+}
+
+bench_log "kernel $(uname -r), $(nproc) cores, CLK_TCK $(bench_clk_tck), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+bench_log "pinning: proxy on core $BENCH_SERVER_CPU, origin on core $BENCH_ORIGIN_CPU, wrk on core $BENCH_CLIENT_CPU"
+
+# --- origin ------------------------------------------------------------------------------
+origin_port=$(bench_free_port)
+origin_url="http://127.0.0.1:$origin_port/"
+bench_spawn origin taskset -c "$BENCH_ORIGIN_CPU" "$origin_bin" "127.0.0.1:$origin_port" "$BENCH_BODY_BYTES"
+origin_pid=$BENCH_LAST_PID
+if ! bench_wait_http "$origin_url" 10 "$origin_pid"; then
+    bench_log_tail origin
+    bench_die "the origin did not start"
+fi
+check_body "$origin_url" || bench_die "the origin does not answer as expected"
+# Busy during every run but not measured (except as "direct"): not noise from elsewhere.
+BENCH_CONTEXT_PIDS=$origin_pid
+
+# --- A: direct ---------------------------------------------------------------------------
+bench_measure direct "$origin_url" "$origin_pid"
+
+# --- B: nginx ----------------------------------------------------------------------------
+nginx_dir=$BENCH_TMP/nginx
+mkdir -p "$nginx_dir"
+# Workers run as an unprivileged user when nginx starts as root: let them into the temp dirs.
+chmod 755 "$BENCH_TMP" "$nginx_dir"
+nginx_port=$(bench_free_port)
+nginx_url="http://127.0.0.1:$nginx_port/"
+cat >"$nginx_dir/nginx.conf" <<EOF
+worker_processes 1;
+pid $nginx_dir/nginx.pid;
+error_log $nginx_dir/error.log warn;
+
+events {
+    worker_connections 1024;
+}
+
+http {
+    access_log off;
+    client_body_temp_path $nginx_dir/client_body;
+    proxy_temp_path $nginx_dir/proxy;
+    fastcgi_temp_path $nginx_dir/fastcgi;
+    uwsgi_temp_path $nginx_dir/uwsgi;
+    scgi_temp_path $nginx_dir/scgi;
+
+    upstream origin {
+        server 127.0.0.1:$origin_port;
+        keepalive 64;
+    }
+
+    server {
+        listen 127.0.0.1:$nginx_port;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+nginx_args=(-p "$nginx_dir/" -c "$nginx_dir/nginx.conf" -e "$nginx_dir/error.log")
+nginx -t -q "${nginx_args[@]}" || bench_die "nginx rejects $nginx_dir/nginx.conf"
+bench_spawn nginx taskset -c "$BENCH_SERVER_CPU" nginx "${nginx_args[@]}" -g 'daemon off;'
+nginx_pid=$BENCH_LAST_PID
+if ! bench_wait_http "$nginx_url" 10 "$nginx_pid"; then
+    bench_log_tail nginx
+    tail -n 20 "$nginx_dir/error.log" >&2 || true
+    bench_die "nginx did not start"
+fi
+check_body "$nginx_url" || bench_die "nginx does not pass the origin's response through"
+mapfile -t nginx_workers < <(bench_children "$nginx_pid")
+((${#nginx_workers[@]} == 1)) ||
+    bench_die "expected 1 nginx worker, found ${#nginx_workers[@]}: ${nginx_workers[*]}"
+bench_measure nginx "$nginx_url" "$nginx_pid" "${nginx_workers[@]}"
+nginx_cpu_us=$BENCH_RESULT_CPU_US
+nginx_p99_us=$BENCH_RESULT_P99_US
+# Core 0 is outpost's alone for its run.
+bench_stop "$nginx_pid"
+
+# --- C: outpost --------------------------------------------------------------------------
+outpost_cpu_us=""
+outpost_p99_us=""
+if [[ $BENCH_SKIP_OUTPOST == 1 ]]; then
+    bench_log "outpost: skipped (BENCH_SKIP_OUTPOST=1)"
+    bench_add_skipped outpost "BENCH_SKIP_OUTPOST=1"
+else
+    proxy_port=$(bench_free_port)
+    admin_port=$(bench_free_port)
+    outpost_url="http://127.0.0.1:$proxy_port/"
+    outpost_config=$BENCH_TMP/outpost.toml
+    cat >"$outpost_config" <<EOF
+version = 1
+
+[node]
+id = "bench-1"
+region = "local"
+location = { lat = 0.0, lon = 0.0 }
+
+[[listeners]]
+addr = "127.0.0.1:$proxy_port"
+
+[admin]
+addr = "127.0.0.1:$admin_port"
+
+[log]
+access_log = false
+
+[origins.bench]
+[[origins.bench.endpoints]]
+url = "http://127.0.0.1:$origin_port"
+region = "local"
+location = { lat = 0.0, lon = 0.0 }
+
+[[routes]]
+name = "bench"
+path_prefix = "/"
+origin = "bench"
+EOF
+    # Pinned to one core: tokio sizes its worker pool from the affinity mask, so 1 worker.
+    bench_spawn outpost taskset -c "$BENCH_SERVER_CPU" "$outpost_bin" serve --config "$outpost_config"
+    outpost_pid=$BENCH_LAST_PID
+    skip_reason=""
+    if ! bench_wait_http "http://127.0.0.1:$admin_port/readyz" "$BENCH_READY_TIMEOUT" "$outpost_pid"; then
+        if kill -0 "$outpost_pid" 2>/dev/null && ! bench_is_zombie "$outpost_pid"; then
+            skip_reason="outpost serve not ready (GET /readyz != 200) within ${BENCH_READY_TIMEOUT}s"
+        else
+            status=0
+            wait "$outpost_pid" || status=$?
+            skip_reason="outpost serve exited (status $status) before it was ready"
+        fi
+    elif ! check_body "$outpost_url"; then
+        skip_reason="outpost does not pass the origin's response through"
+    fi
+    if [[ -n $skip_reason ]]; then
+        bench_log "outpost: SKIPPED: $skip_reason; its output:"
+        bench_log_tail outpost
+        bench_stop "$outpost_pid"
+        bench_add_skipped outpost "$skip_reason"
+    else
+        bench_measure outpost "$outpost_url" "$outpost_pid"
+        outpost_cpu_us=$BENCH_RESULT_CPU_US
+        outpost_p99_us=$BENCH_RESULT_P99_US
+    fi
+fi
+
+# --- report ------------------------------------------------------------------------------
+echo
+echo "pass-through, ${BENCH_BODY_BYTES}-byte body, wrk -t${BENCH_THREADS} -c${BENCH_CONNECTIONS} -d${BENCH_DURATION}" \
+    "on core ${BENCH_CLIENT_CPU}, origin on core ${BENCH_ORIGIN_CPU}, proxy on core ${BENCH_SERVER_CPU}"
+echo "CPU-µs/req: server CPU (utime+stime) per request; CPU %: server busy time over the run (100 = one core);"
+echo "other %: CPU used meanwhile by processes outside the benchmark (should be ~0)"
+echo
+bench_print_table
+echo
+printf 'outpost/nginx  CPU-µs/req: %s   p99: %s\n' \
+    "$(bench_ratio "$outpost_cpu_us" "$nginx_cpu_us")" "$(bench_ratio "$outpost_p99_us" "$nginx_p99_us")"
+echo
+echo "results: ${BENCH_RESULTS_FILE#"$BENCH_REPO_DIR"/}"
