@@ -589,21 +589,9 @@ async fn reload_swaps_config_without_dropping_in_flight_requests() {
     let c = client();
 
     // A slow request is in flight while the config changes.
-    let slow = tokio::spawn({
-        let url = node.url("/old/slow?ms=1500");
-        let c = c.clone();
-        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
-    });
+    let slow = spawn_get(node.url("/old/slow?ms=1500"));
     eventually("slow request reached the origin", SECS(5), || async {
-        let hits: Value = c
-            .get(format!("{}/control/hits", origin.url()))
-            .send()
-            .await
-            .expect("hits")
-            .json()
-            .await
-            .expect("json");
-        hits["slow_in_flight"].as_u64().unwrap_or(0) >= 1
+        origin.slow_in_flight().await >= 1
     })
     .await;
 
@@ -684,21 +672,9 @@ async fn reload_swaps_config_without_dropping_in_flight_requests() {
 async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let (origin, mut node) = one_origin_node("").await;
     let c = client();
-    let slow = tokio::spawn({
-        let url = node.url("/slow?ms=1500");
-        let c = c.clone();
-        async move { c.get(url).send().await.map(|r| r.status().as_u16()) }
-    });
+    let slow = spawn_get(node.url("/slow?ms=1500"));
     eventually("request in flight at the origin", SECS(5), || async {
-        let hits: Value = c
-            .get(format!("{}/control/hits", origin.url()))
-            .send()
-            .await
-            .expect("hits")
-            .json()
-            .await
-            .expect("json");
-        hits["slow_in_flight"].as_u64().unwrap_or(0) >= 1
+        origin.slow_in_flight().await >= 1
     })
     .await;
     node.signal(libc::SIGTERM);

@@ -191,6 +191,19 @@ impl Origin {
         *self = again;
     }
 
+    /// `/slow` requests the echo app is sleeping on right now: proof a request is in flight.
+    pub async fn slow_in_flight(&self) -> u64 {
+        let hits: serde_json::Value = client()
+            .get(format!("{}/control/hits", self.url()))
+            .send()
+            .await
+            .expect("hits")
+            .json()
+            .await
+            .expect("hits json");
+        hits["slow_in_flight"].as_u64().unwrap_or(0)
+    }
+
     /// Switches the echo app's `/healthz` between 200 and 503.
     pub async fn set_healthy(&self, healthy: bool) {
         let resp = client()
@@ -216,6 +229,11 @@ pub fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(60))
         .build()
         .expect("client")
+}
+
+/// Starts a GET in the background; the handle yields its status when it finishes.
+pub fn spawn_get(url: String) -> tokio::task::JoinHandle<Result<u16, reqwest::Error>> {
+    tokio::spawn(async move { client().get(url).send().await.map(|r| r.status().as_u16()) })
 }
 
 /// Portland, Dublin, Tokyo, Paris: the geography of the tests.
