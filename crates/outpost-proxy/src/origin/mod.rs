@@ -125,7 +125,7 @@ impl Endpoint {
 
     /// Whether the endpoint takes traffic now: active checks pass and it is not ejected.
     pub fn is_available(&self) -> bool {
-        if !self.active_ok.load(Ordering::Relaxed) {
+        if !self.active_ok.load(Ordering::Acquire) {
             return false;
         }
         let until = self.ejected_until.load(Ordering::Relaxed);
@@ -149,7 +149,7 @@ impl Endpoint {
 
     /// Whether active health checks currently pass.
     pub fn actively_healthy(&self) -> bool {
-        self.active_ok.load(Ordering::Relaxed)
+        self.active_ok.load(Ordering::Acquire)
     }
 
     /// Whether passive ejection currently keeps traffic away.
@@ -241,8 +241,9 @@ impl Endpoint {
 
     /// Records an active check verdict change.
     fn set_active(&self, ok: bool) {
-        self.active_ok.store(ok, Ordering::Relaxed);
+        // Gauge first: whoever sees the new verdict (admin API, tests) sees the gauge agree.
         self.metrics.set_healthy(ok && !self.is_ejected());
+        self.active_ok.store(ok, Ordering::Release);
     }
 
     fn client(&self) -> &Client<HttpConnector, ProxyBody> {
