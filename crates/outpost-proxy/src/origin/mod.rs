@@ -227,8 +227,8 @@ impl Endpoint {
             let until = now_ms().saturating_add(
                 u64::try_from(passive.ejection_time.as_millis()).unwrap_or(u64::MAX),
             );
-            self.ejected_until.store(until.max(1), Ordering::Relaxed);
             self.metrics.set_healthy(false);
+            self.ejected_until.store(until.max(1), Ordering::Relaxed);
             tracing::warn!(
                 origin = %self.group,
                 endpoint = %self.authority,
