@@ -259,6 +259,20 @@ async fn nearest_region_wins_and_failover_keeps_requests_working() {
         assert_eq!(region(&r), want, "{country}");
     }
 
+    // A client whose address is in the configured networks table (127.0.0.2/32 → Paris) and
+    // that is not a trusted proxy: the table places it, so Dublin answers.
+    let from_paris_net = reqwest::Client::builder()
+        .no_proxy()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().expect("ip"))
+        .build()
+        .expect("client");
+    let r = from_paris_net
+        .get(node.url("/echo"))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(region(&r), "eu-west", "CIDR table location");
+
     // Kill Dublin: Paris clients fail over to Portland, for safe and unsafe methods alike
     // (a refused connection means the request never left).
     eu.kill();
