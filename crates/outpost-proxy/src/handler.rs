@@ -26,7 +26,7 @@ use crate::routing::strip_prefix;
 
 /// A response from an origin, with what the logs need to know about it.
 struct Forwarded {
-    response: Response<Incoming>,
+    response: Response<ProxyBody>,
     origin_ms: f64,
     region: String,
 }
@@ -59,7 +59,7 @@ pub async fn handle(
 
     let (route, result) = proxy(&snap, &conn, &ctx, &via, req).await;
     let (mut resp, origin_ms, region) = match result {
-        Ok(f) => (f.response.map(boxed), Some(f.origin_ms), Some(f.region)),
+        Ok(f) => (f.response, Some(f.origin_ms), Some(f.region)),
         Err(e) => {
             if e.source() == ErrorSource::Downstream {
                 tracing::debug!(request_id = %ctx.request_id, error = %e, "Request refused.");
@@ -314,7 +314,7 @@ async fn forward(
                 tracing::warn!(
                     request_id = %ctx.request_id,
                     endpoint = %endpoint.authority,
-                    error = %error_chain(&e),
+                    error = %error_chain(e.as_ref()),
                     "Origin connect failed."
                 );
                 last_error = Some(ProxyError::OriginConnect {
@@ -336,7 +336,7 @@ async fn forward(
                 }
                 return Err(ProxyError::OriginBroken {
                     endpoint: endpoint.authority.to_string(),
-                    reason: error_chain(&e),
+                    reason: error_chain(e.as_ref()),
                 });
             }
         }

@@ -77,12 +77,17 @@ async fn check(endpoint: &Endpoint, cfg: &HealthCheck) -> bool {
         return false;
     };
     let fut = async {
-        let resp = endpoint.client().request(req).await.ok()?;
+        let resp = endpoint.exchange(req).await.ok()?;
         let ok = resp.status().is_success();
         // Read (a bounded amount of) the body so the connection can return to the pool.
-        let _ = http_body_util::Limited::new(resp.into_body(), MAX_HEALTH_BODY)
-            .collect()
-            .await;
+        let mut body = resp.into_body();
+        let mut read = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, |d| d.len());
+            if read > MAX_HEALTH_BODY {
+                break;
+            }
+        }
         Some(ok)
     };
     matches!(tokio::time::timeout(cfg.timeout, fut).await, Ok(Some(true)))

@@ -6,6 +6,7 @@
 //! neither empties connection pools nor forgets that a region is down.
 
 pub mod health;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,8 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http::uri::{Authority, Scheme};
-use http::{Request, Response};
-use hyper::body::Incoming;
+use http::{Request, Response, header};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -25,8 +25,17 @@ use std::sync::LazyLock;
 
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::body::ProxyBody;
+use crate::body::{BoxError, ProxyBody};
 use crate::geo::distance_km;
+use pool::{H1Pool, PoolError};
+
+/// How requests reach an endpoint.
+enum Transport {
+    /// Our own HTTP/1.1 pool (see [`pool`]).
+    H1(Arc<H1Pool>),
+    /// HTTP/2 prior knowledge: hyper-util's client multiplexes one connection.
+    H2(Box<Client<HttpConnector, ProxyBody>>),
+}
 
 /// Time base for ejection deadlines stored in atomics.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -55,7 +64,7 @@ pub struct Endpoint {
     pub region: String,
     /// Where the endpoint is.
     pub location: GeoPoint,
-    client: Client<HttpConnector, ProxyBody>,
+    transport: Transport,
     protocol: OriginProtocol,
     /// Result of active checks (true until a check says otherwise).
     active_ok: AtomicBool,
@@ -82,11 +91,11 @@ impl std::fmt::Debug for Endpoint {
 #[derive(Debug)]
 pub enum AttemptError {
     /// No connection could be opened; the request never left.
-    Connect(hyper_util::client::legacy::Error),
+    Connect(BoxError),
     /// No response head within the timeout.
     Timeout,
     /// The exchange broke after the connection was made.
-    Broken(hyper_util::client::legacy::Error),
+    Broken(BoxError),
 }
 
 impl Endpoint {
@@ -94,17 +103,29 @@ impl Endpoint {
         let uri: http::Uri = cfg.url.parse().ok()?;
         let authority = uri.authority()?.clone();
         let scheme = uri.scheme()?.clone();
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(key.connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(key.pool_idle_timeout)
-            .pool_max_idle_per_host(key.pool_max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(key.protocol == OriginProtocol::H2)
-            .build(http);
+        let transport = match key.protocol {
+            OriginProtocol::Http1 => Transport::H1(H1Pool::new(
+                authority.clone(),
+                key.connect_timeout,
+                key.pool_idle_timeout,
+                key.pool_max_idle,
+            )),
+            OriginProtocol::H2 => {
+                let mut http = HttpConnector::new();
+                http.set_connect_timeout(Some(key.connect_timeout));
+                http.set_nodelay(true);
+                http.enforce_http(true);
+                Transport::H2(Box::new(
+                    Client::builder(TokioExecutor::new())
+                        .pool_idle_timeout(key.pool_idle_timeout)
+                        .pool_max_idle_per_host(key.pool_max_idle)
+                        .pool_timer(TokioTimer::new())
+                        .timer(TokioTimer::new())
+                        .http2_only(true)
+                        .build(http),
+                ))
+            }
+        };
         let m = metrics.endpoint(&key.group, authority.as_str(), &cfg.region);
         m.set_healthy(true);
         Some(Endpoint {
@@ -112,7 +133,7 @@ impl Endpoint {
             scheme,
             region: cfg.region.clone(),
             location: cfg.location,
-            client,
+            transport,
             protocol: key.protocol,
             active_ok: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
@@ -182,32 +203,62 @@ impl Endpoint {
         req: Request<ProxyBody>,
         timeout: Duration,
         passive: &Passive,
-    ) -> Result<Response<Incoming>, AttemptError> {
+    ) -> Result<Response<ProxyBody>, AttemptError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, self.client.request(req)).await;
+        let result = tokio::time::timeout(timeout, self.exchange(req)).await;
         let secs = started.elapsed().as_secs_f64();
-        match result {
+        let outcome = match &result {
             Ok(Ok(resp)) => {
-                self.metrics.record(OriginOutcome::Response, secs);
                 let failed = matches!(resp.status().as_u16(), 502..=504);
                 self.passive_result(!failed, passive);
-                Ok(resp)
+                OriginOutcome::Response
             }
-            Ok(Err(e)) if e.is_connect() => {
-                self.metrics.record(OriginOutcome::ConnectError, secs);
-                self.passive_result(false, passive);
-                Err(AttemptError::Connect(e))
+            Ok(Err(AttemptError::Connect(_))) => OriginOutcome::ConnectError,
+            Ok(Err(_)) => OriginOutcome::Error,
+            Err(_) => OriginOutcome::Timeout,
+        };
+        self.metrics.record(outcome, secs);
+        if outcome != OriginOutcome::Response {
+            self.passive_result(false, passive);
+        }
+        match result {
+            Ok(r) => r,
+            Err(_) => Err(AttemptError::Timeout),
+        }
+    }
+
+    /// One request/response exchange over the endpoint's transport, without timeout or
+    /// bookkeeping (health checks use it too).
+    pub async fn exchange(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, AttemptError> {
+        match &self.transport {
+            Transport::H1(pool) => {
+                // HTTP/1.1 to an origin uses the origin-form target and needs a Host.
+                if let Some(pq) = req.uri().path_and_query().cloned() {
+                    *req.uri_mut() = http::Uri::from(pq);
+                }
+                if !req.headers().contains_key(header::HOST)
+                    && let Ok(v) = http::HeaderValue::from_str(self.authority.as_str())
+                {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                pool.send(req).await.map_err(|e| match e {
+                    PoolError::Connect { .. } => AttemptError::Connect(Box::new(e)),
+                    PoolError::Exchange(_) => AttemptError::Broken(Box::new(e)),
+                })
             }
-            Ok(Err(e)) => {
-                self.metrics.record(OriginOutcome::Error, secs);
-                self.passive_result(false, passive);
-                Err(AttemptError::Broken(e))
-            }
-            Err(_) => {
-                self.metrics.record(OriginOutcome::Timeout, secs);
-                self.passive_result(false, passive);
-                Err(AttemptError::Timeout)
-            }
+            Transport::H2(client) => match client.request(req).await {
+                Ok(resp) => Ok(resp.map(|b| {
+                    http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                        b,
+                        |e| -> BoxError { Box::new(e) },
+                    ))
+                })),
+                Err(e) if e.is_connect() => Err(AttemptError::Connect(Box::new(e))),
+                Err(e) => Err(AttemptError::Broken(Box::new(e))),
+            },
         }
     }
 
@@ -244,10 +295,6 @@ impl Endpoint {
         // Gauge first: whoever sees the new verdict (admin API, tests) sees the gauge agree.
         self.metrics.set_healthy(ok && !self.is_ejected());
         self.active_ok.store(ok, Ordering::Release);
-    }
-
-    fn client(&self) -> &Client<HttpConnector, ProxyBody> {
-        &self.client
     }
 }
 
