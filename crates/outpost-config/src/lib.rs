@@ -71,3 +71,46 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXAMPLE: &str = include_str!("../../../examples/retail/outpost.toml");
+
+    fn parse_and_render(src: &str) {
+        if let Err(ConfigError::Invalid(d)) = Config::parse(src, "fuzz.toml", Path::new(".")) {
+            let text = d.render();
+            assert!(
+                text.contains("fuzz.toml"),
+                "diagnostics name the file: {text}"
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// A reload must never panic on a broken file: any edit of a real config yields either
+        /// a config or rendered diagnostics (odd spans, multi-byte text, truncation included).
+        #[test]
+        fn any_edit_of_a_real_config_parses_or_renders(
+            start in 0usize..EXAMPLE.len(),
+            len in 0usize..40,
+            insert in "\\PC{0,12}",
+        ) {
+            let start = (0..=start).rev().find(|i| EXAMPLE.is_char_boundary(*i)).unwrap_or(0);
+            let end = (start + len).min(EXAMPLE.len());
+            let end = (end..=EXAMPLE.len()).find(|i| EXAMPLE.is_char_boundary(*i)).unwrap_or(EXAMPLE.len());
+            let mutated = format!("{}{}{}", &EXAMPLE[..start], insert, &EXAMPLE[end..]);
+            parse_and_render(&mutated);
+        }
+
+        /// Arbitrary text, including non-TOML, never panics.
+        #[test]
+        fn arbitrary_text_parses_or_renders(src in "\\PC{0,300}") {
+            parse_and_render(&src);
+        }
+    }
+}
