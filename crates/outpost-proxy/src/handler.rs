@@ -156,11 +156,10 @@ fn version_str(v: Version) -> &'static str {
 }
 
 /// The host the client asked for: `:authority` (HTTP/2, absolute-form) or the Host header.
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
-    req.uri()
-        .authority()
+fn request_host<'a>(uri: &'a http::Uri, headers: &'a http::HeaderMap) -> Option<&'a str> {
+    uri.authority()
         .map(|a| a.as_str())
-        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+        .or_else(|| headers.get(header::HOST)?.to_str().ok())
 }
 
 /// Dot segments would let `/public/../admin` match the `/public` route and reach `/admin`.
@@ -205,7 +204,7 @@ async fn proxy(
     if filters::is_loop(req.headers(), &snap.config.node.id) {
         return (None, Err(ProxyError::Loop));
     }
-    let host = request_host(&req).unwrap_or("");
+    let host = request_host(req.uri(), req.headers()).unwrap_or("");
     let Some(index) = snap.table.find(host, path) else {
         return (None, Err(ProxyError::NoRoute));
     };
@@ -236,7 +235,7 @@ async fn forward(
     }
 
     let (parts, body) = req.into_parts();
-    let host = request_host_parts(&parts).map(str::to_owned);
+    let host = request_host(&parts.uri, &parts.headers).map(str::to_owned);
     let original_path = parts.uri.path();
     let new_path = if route.strip_prefix {
         strip_prefix(&route.prefix, original_path)
@@ -262,24 +261,27 @@ async fn forward(
         &snap.locator,
     );
 
-    let exceeded = Arc::new(AtomicBool::new(false));
-    // Bodiless requests (most GETs) skip the replay machinery: every attempt gets an empty body.
-    let replay = if body.is_end_stream() {
-        None
-    } else {
-        Some(ReplayableBody::new(boxed(LimitedBody::new(
-            body,
-            route.max_body,
-            exceeded.clone(),
-        ))))
-    };
-
     let candidates = route.group.nearest_available(ctx.location.point);
     if candidates.is_empty() {
         return Err(ProxyError::NoHealthyEndpoint(route.group.name.clone()));
     }
     // One retry on another endpoint, only when the first could not even connect.
     let attempts = candidates.len().min(2);
+    // Bodiless requests (most GETs) need neither the limit flag nor the replay machinery; a
+    // body is made replayable only when a second endpoint could receive it.
+    let mut exceeded = None;
+    let mut source = if body.is_end_stream() {
+        BodySource::Empty
+    } else {
+        let flag = Arc::new(AtomicBool::new(false));
+        let limited = boxed(LimitedBody::new(body, route.max_body, flag.clone()));
+        exceeded = Some(flag);
+        if attempts > 1 {
+            BodySource::Replay(ReplayableBody::new(limited))
+        } else {
+            BodySource::Once(Some(limited))
+        }
+    };
     let mut headers = Some(headers);
     let mut last_error = None;
     for (i, endpoint) in candidates.iter().take(attempts).enumerate() {
@@ -291,8 +293,7 @@ async fn forward(
         let uri = endpoint
             .uri_for(&path_and_query)
             .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
-        let mut upstream =
-            Request::new(replay.as_ref().map_or_else(empty, ReplayableBody::attempt));
+        let mut upstream = Request::new(source.attempt());
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = uri;
         *upstream.version_mut() = endpoint.version();
@@ -320,7 +321,7 @@ async fn forward(
                 last_error = Some(ProxyError::OriginConnect {
                     endpoint: endpoint.authority.to_string(),
                 });
-                if replay.as_ref().is_some_and(|r| !r.is_untouched()) {
+                if !source.can_retry() {
                     break;
                 }
             }
@@ -331,7 +332,7 @@ async fn forward(
                 });
             }
             Err(AttemptError::Broken(e)) => {
-                if exceeded.load(Ordering::Relaxed) {
+                if exceeded.is_some_and(|f| f.load(Ordering::Relaxed)) {
                     return Err(too_large);
                 }
                 return Err(ProxyError::OriginBroken {
@@ -344,12 +345,32 @@ async fn forward(
     Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(route.group.name.clone())))
 }
 
-fn request_host_parts(parts: &http::request::Parts) -> Option<&str> {
-    parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
+/// Where each attempt's request body comes from.
+enum BodySource {
+    /// No body: every attempt gets an empty one.
+    Empty,
+    /// One attempt only: the body is handed over once.
+    Once(Option<ProxyBody>),
+    /// A second attempt is possible while the first never polled the body.
+    Replay(ReplayableBody),
+}
+
+impl BodySource {
+    fn attempt(&mut self) -> ProxyBody {
+        match self {
+            BodySource::Empty => empty(),
+            BodySource::Once(body) => body.take().unwrap_or_else(empty),
+            BodySource::Replay(r) => r.attempt(),
+        }
+    }
+
+    fn can_retry(&self) -> bool {
+        match self {
+            BodySource::Empty => true,
+            BodySource::Once(_) => false,
+            BodySource::Replay(r) => r.is_untouched(),
+        }
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

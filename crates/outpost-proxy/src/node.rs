@@ -155,21 +155,14 @@ impl Node {
         }))
     }
 
-    /// Swaps in a new config; on error the current one keeps serving.
+    /// Swaps in a new config; on error the current one keeps serving. The caller counts the
+    /// attempt (it also sees failures that happen before a config reaches the node).
     pub fn reload(&self, config: Config) -> Result<(), BuildError> {
         let _serial = self.reload_lock.lock();
         let previous = self.current.load_full();
-        match Snapshot::build(config, Some(&previous), &self.metrics) {
-            Ok(snap) => {
-                self.current.store(Arc::new(snap));
-                self.metrics.config_reload(true);
-                Ok(())
-            }
-            Err(e) => {
-                self.metrics.config_reload(false);
-                Err(e)
-            }
-        }
+        let snap = Snapshot::build(config, Some(&previous), &self.metrics)?;
+        self.current.store(Arc::new(snap));
+        Ok(())
     }
 
     /// The snapshot to use for one request.

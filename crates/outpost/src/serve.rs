@@ -38,16 +38,16 @@ impl Lifecycle {
     /// stays and the problem is returned as text for the operator.
     pub async fn reload(&self) -> Result<(), String> {
         let _serial = self.reload_lock.lock().await;
+        let result = self.try_reload().await;
+        self.node.metrics().config_reload(result.is_ok());
+        result
+    }
+
+    async fn try_reload(&self) -> Result<(), String> {
         let config = match Config::load(&self.config_path) {
             Ok(c) => c,
-            Err(ConfigError::Invalid(d)) => {
-                self.node.metrics().config_reload(false);
-                return Err(d.render());
-            }
-            Err(e) => {
-                self.node.metrics().config_reload(false);
-                return Err(e.to_string());
-            }
+            Err(ConfigError::Invalid(d)) => return Err(d.render()),
+            Err(e) => return Err(e.to_string()),
         };
         let current = self.node.snapshot().config.clone();
         if config.admin.addr != current.admin.addr {
@@ -57,13 +57,7 @@ impl Lifecycle {
                 "The admin address changes only on restart; keeping the old one."
             );
         }
-        let plan = match self.server.plan(&config).await {
-            Ok(p) => p,
-            Err(e) => {
-                self.node.metrics().config_reload(false);
-                return Err(e.to_string());
-            }
-        };
+        let plan = self.server.plan(&config).await.map_err(|e| e.to_string())?;
         self.node.reload(config).map_err(|e| e.to_string())?;
         self.server.commit(plan);
         Ok(())

@@ -179,13 +179,17 @@ impl Endpoint {
         until != 0 && now_ms() < until
     }
 
-    /// The absolute URI for a path on this endpoint.
+    /// The request target for a path on this endpoint, in the form its transport sends:
+    /// origin-form for our HTTP/1.1 pool, absolute for the h2 client (which routes by it).
     pub fn uri_for(&self, path_and_query: &str) -> Result<http::Uri, http::Error> {
-        http::Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
+        match self.protocol {
+            OriginProtocol::Http1 => Ok(http::Uri::try_from(path_and_query)?),
+            OriginProtocol::H2 => http::Uri::builder()
+                .scheme(self.scheme.clone())
+                .authority(self.authority.clone())
+                .path_and_query(path_and_query)
+                .build(),
+        }
     }
 
     /// The HTTP version requests to this endpoint must carry.
@@ -235,10 +239,7 @@ impl Endpoint {
     ) -> Result<Response<ProxyBody>, AttemptError> {
         match &self.transport {
             Transport::H1(pool) => {
-                // HTTP/1.1 to an origin uses the origin-form target and needs a Host.
-                if let Some(pq) = req.uri().path_and_query().cloned() {
-                    *req.uri_mut() = http::Uri::from(pq);
-                }
+                // HTTP/1.1 needs a Host; clients that sent none (HTTP/1.0) get the endpoint's.
                 if !req.headers().contains_key(header::HOST)
                     && let Ok(v) = http::HeaderValue::from_str(self.authority.as_str())
                 {
