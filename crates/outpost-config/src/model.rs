@@ -41,6 +41,9 @@ pub struct Config {
     /// Routes, matched by host and longest path prefix.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// The node's HTTP cache (shared by every route that enables caching).
+    #[serde(default)]
+    pub cache: Cache,
     /// Directory of the config file, for resolving relative paths; not part of the TOML.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -362,6 +365,110 @@ pub struct Route {
     /// Largest request body for this route, overriding `[server] max_body_bytes`.
     #[serde(default)]
     pub max_body_bytes: Option<ByteSize>,
+    /// Edge caching for this route; absent = responses are never stored.
+    #[serde(default)]
+    pub cache: Option<RouteCache>,
+}
+
+/// Storage shared by every cached route: a memory tier and an optional disk tier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    /// Bytes of responses (headers and bodies) kept in memory; admission and eviction are
+    /// TinyLFU, so one-hit wonders do not push out popular objects.
+    #[serde(default = "default_cache_memory")]
+    pub memory_size: ByteSize,
+    /// Directory of the disk tier, relative to the config file; absent = memory only. The
+    /// disk tier survives restarts; corrupt entries are detected and dropped.
+    #[serde(default)]
+    pub disk_dir: Option<PathBuf>,
+    /// Bytes the disk tier may use.
+    #[serde(default = "default_cache_disk")]
+    pub disk_size: ByteSize,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            memory_size: default_cache_memory(),
+            disk_dir: None,
+            disk_size: default_cache_disk(),
+        }
+    }
+}
+
+/// Per-route caching policy. HTTP semantics (RFC 9111) apply first; these settings fill the
+/// gaps an origin leaves and decide what forms the cache key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCache {
+    /// Switch caching off without deleting the section.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Freshness for storable responses that carry no explicit lifetime (no `max-age`,
+    /// `s-maxage` or `Expires`); without it the RFC 9111 heuristic (10% of the time since
+    /// `Last-Modified`) applies.
+    #[serde(default, with = "humantime_serde")]
+    pub default_ttl: Option<Duration>,
+    /// Freshness that replaces whatever the origin says, for origins that cannot be fixed.
+    /// `no-store` and `private` are still obeyed.
+    #[serde(default, with = "humantime_serde")]
+    pub override_ttl: Option<Duration>,
+    /// `stale-while-revalidate` window added when the origin sends none (RFC 5861).
+    #[serde(default, with = "humantime_serde")]
+    pub stale_while_revalidate: Option<Duration>,
+    /// `stale-if-error` window added when the origin sends none (RFC 5861).
+    #[serde(default, with = "humantime_serde")]
+    pub stale_if_error: Option<Duration>,
+    /// How long concurrent misses for one key wait for the first one's origin fetch before
+    /// going to the origin themselves.
+    #[serde(default = "default_lock_timeout", with = "humantime_serde")]
+    pub lock_timeout: Duration,
+    /// Largest response stored; larger ones stream through uncached.
+    #[serde(default = "default_max_object_size")]
+    pub max_object_size: ByteSize,
+    /// Store 400 and 422 answers (FastAPI validation errors) when their headers allow it;
+    /// off by default because they describe one client's bad input, not the resource.
+    #[serde(default)]
+    pub store_validation_errors: bool,
+    /// Honour clients' `Cache-Control` request directives (`no-cache`, `max-age`,
+    /// `max-stale`, `min-fresh`); off shields the origin from clients that force refetches.
+    /// `no-store` and `only-if-cached` are always honoured.
+    #[serde(default = "yes")]
+    pub client_directives: bool,
+    /// What, besides method, host, path and query, tells two requests apart.
+    #[serde(default)]
+    pub key: CacheKey,
+}
+
+/// The parts of a request that form its cache key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheKey {
+    /// Request headers whose values join the key (case-insensitive names).
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// Cookies whose values join the key; other cookies are ignored by the key.
+    #[serde(default)]
+    pub cookies: Vec<String>,
+    /// Query parameters left out of the key (tracking parameters such as `utm_source`); a
+    /// trailing `*` matches a prefix (`utm_*`).
+    #[serde(default)]
+    pub ignore_query: Vec<String>,
+    /// Sort query parameters so `?a=1&b=2` and `?b=2&a=1` share an entry.
+    #[serde(default = "yes")]
+    pub sort_query: bool,
+}
+
+impl Default for CacheKey {
+    fn default() -> Self {
+        CacheKey {
+            headers: Vec::new(),
+            cookies: Vec::new(),
+            ignore_query: Vec::new(),
+            sort_query: true,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -432,6 +539,18 @@ fn default_consecutive_failures() -> u32 {
 }
 fn default_ejection_time() -> Duration {
     Duration::from_secs(30)
+}
+fn default_cache_memory() -> ByteSize {
+    ByteSize::mib(256)
+}
+fn default_cache_disk() -> ByteSize {
+    ByteSize::gib(1)
+}
+fn default_lock_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_object_size() -> ByteSize {
+    ByteSize::mib(8)
 }
 fn default_path_prefix() -> String {
     "/".to_owned()

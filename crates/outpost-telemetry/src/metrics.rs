@@ -126,6 +126,22 @@ struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheStatusLabels {
+    route: String,
+    status: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabels {
+    tier: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: String,
 }
@@ -146,6 +162,11 @@ pub struct Metrics {
     active_connections: Gauge,
     connections: Counter,
     config_reloads: Family<ResultLabels, Counter>,
+    cache_requests: Family<CacheStatusLabels, Counter>,
+    cache_bytes: Family<TierLabels, Gauge>,
+    cache_objects: Family<TierLabels, Gauge>,
+    cache_evictions: Family<TierLabels, Counter>,
+    cache_purges: Family<KindLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -210,6 +231,37 @@ impl Metrics {
             "Configuration reloads, by result (ok or rejected)",
             config_reloads.clone(),
         );
+        let cache_requests = Family::<CacheStatusLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Requests on cached routes, by route and cache status (hit, stale, miss, revalidated, bypass)",
+            cache_requests.clone(),
+        );
+        let cache_bytes = Family::<TierLabels, Gauge>::default();
+        registry.register_with_unit(
+            "cache_stored",
+            "Bytes of responses stored, by tier (memory, disk)",
+            prometheus_client::registry::Unit::Bytes,
+            cache_bytes.clone(),
+        );
+        let cache_objects = Family::<TierLabels, Gauge>::default();
+        registry.register(
+            "cache_objects",
+            "Cache entries (one per primary key, holding its variants) stored, by tier",
+            cache_objects.clone(),
+        );
+        let cache_evictions = Family::<TierLabels, Counter>::default();
+        registry.register(
+            "cache_evictions",
+            "Entries evicted to stay within a tier's size bound",
+            cache_evictions.clone(),
+        );
+        let cache_purges = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "cache_purges",
+            "Entries removed or marked stale by purge or invalidation, by kind (hard, soft, invalidate, corrupt)",
+            cache_purges.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -227,7 +279,44 @@ impl Metrics {
             active_connections,
             connections,
             config_reloads,
+            cache_requests,
+            cache_bytes,
+            cache_objects,
+            cache_evictions,
+            cache_purges,
         }
+    }
+
+    /// Per-route cache counters, one per status label, in the caller's label order.
+    pub fn cache_route(&self, route: &str, statuses: &[&'static str]) -> CacheRouteMetrics {
+        CacheRouteMetrics {
+            by_status: statuses
+                .iter()
+                .map(|status| {
+                    self.cache_requests.get_or_create_owned(&CacheStatusLabels {
+                        route: route.to_owned(),
+                        status,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Handles for one storage tier (`memory` or `disk`).
+    pub fn cache_tier(&self, tier: &'static str) -> CacheTierMetrics {
+        let labels = TierLabels { tier };
+        CacheTierMetrics {
+            bytes: self.cache_bytes.get_or_create_owned(&labels),
+            objects: self.cache_objects.get_or_create_owned(&labels),
+            evictions: self.cache_evictions.get_or_create_owned(&labels),
+        }
+    }
+
+    /// Counts entries removed or marked stale by a purge of `kind`.
+    pub fn cache_purged(&self, kind: &'static str, entries: u64) {
+        self.cache_purges
+            .get_or_create(&KindLabels { kind })
+            .inc_by(entries);
     }
 
     /// Prometheus text exposition of every metric.
@@ -306,6 +395,32 @@ impl Metrics {
             })
             .inc();
     }
+}
+
+/// Per-route cache counters, indexed like the label list they were made from.
+#[derive(Clone, Debug, Default)]
+pub struct CacheRouteMetrics {
+    by_status: Vec<Counter>,
+}
+
+impl CacheRouteMetrics {
+    /// Counts one request with the status at `index`.
+    pub fn record(&self, index: usize) {
+        if let Some(c) = self.by_status.get(index) {
+            c.inc();
+        }
+    }
+}
+
+/// Size and eviction handles of one cache tier.
+#[derive(Clone, Debug, Default)]
+pub struct CacheTierMetrics {
+    /// Bytes stored.
+    pub bytes: Gauge,
+    /// Entries stored.
+    pub objects: Gauge,
+    /// Entries evicted for space.
+    pub evictions: Counter,
 }
 
 /// Per-route handles: a counter per status class and the duration histogram.
