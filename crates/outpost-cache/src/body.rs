@@ -34,16 +34,20 @@ pub fn empty() -> Body {
 /// Called with the finished object when the whole body went through within the size limit.
 pub type OnComplete = Box<dyn FnOnce(Object) + Send>;
 
+/// Runs once when the copy is stored (`true`) or given up (`false`).
+pub type OnDone = Box<dyn FnOnce(bool) + Send>;
+
 /// Streams `inner` unchanged and, if it ends cleanly within `limit` bytes, hands the object
-/// (with the collected body) to `on_complete`. Dropping it early (client gone) or an error
-/// abandons the copy; either way `on_done` runs, which releases coalesced waiters.
+/// (with the collected body) to `on_complete`. Going over the limit or an error gives the copy
+/// up; either way `on_done` runs, which releases coalesced waiters. Dropped early (the client
+/// left), it drops `on_done` unrun: waiters then take the fetch over.
 pub struct StoringBody {
     inner: Body,
     pending: Option<(Object, OnComplete)>,
     chunks: Vec<Bytes>,
     collected: usize,
     limit: usize,
-    on_done: Option<Box<dyn FnOnce() + Send>>,
+    on_done: Option<OnDone>,
 }
 
 impl StoringBody {
@@ -53,7 +57,7 @@ impl StoringBody {
         object: Object,
         limit: u64,
         on_complete: OnComplete,
-        on_done: Box<dyn FnOnce() + Send>,
+        on_done: OnDone,
     ) -> StoringBody {
         StoringBody {
             inner,
@@ -80,26 +84,22 @@ impl StoringBody {
             };
             object.body = body;
             complete(object);
+            self.release(true);
+        } else {
+            self.release(false);
         }
-        self.release();
     }
 
     fn abandon(&mut self) {
         self.pending = None;
         self.chunks = Vec::new();
-        self.release();
+        self.release(false);
     }
 
-    fn release(&mut self) {
+    fn release(&mut self, stored: bool) {
         if let Some(done) = self.on_done.take() {
-            done();
+            done(stored);
         }
-    }
-}
-
-impl Drop for StoringBody {
-    fn drop(&mut self) {
-        self.abandon();
     }
 }
 

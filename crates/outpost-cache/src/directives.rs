@@ -273,9 +273,10 @@ pub fn fmt_http_date(t: SystemTime) -> String {
     httpdate::fmt_http_date(t)
 }
 
-/// Whole seconds between two times, 0 when `later` is earlier.
+/// Whole seconds between two times (rounded down, as HTTP's one-second resolution asks), 0
+/// when `later` is earlier.
 pub fn secs_between(earlier: SystemTime, later: SystemTime) -> Duration {
-    later.duration_since(earlier).unwrap_or(Duration::ZERO)
+    Duration::from_secs(later.duration_since(earlier).map_or(0, |d| d.as_secs()))
 }
 
 #[cfg(test)]

@@ -99,16 +99,37 @@ impl std::fmt::Debug for Cache {
 struct Inner {
     store: Store,
     /// Fetches in flight, by primary key; followers wait for the sender to drop.
-    flights: Mutex<HashMap<Arc<str>, watch::Receiver<()>>>,
+    flights: Mutex<HashMap<Arc<str>, watch::Receiver<FlightEnd>>>,
     clock: Clock,
     metrics: Metrics,
+}
+
+/// How a fetch others waited for ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlightEnd {
+    /// Still running; seen after the leader vanished without a verdict (its client left
+    /// mid-body): a waiter then takes over the fetch.
+    Pending,
+    /// The response is stored: waiters are served from it.
+    Stored,
+    /// Not storable (or the origin failed): waiters go to the origin themselves.
+    Pass,
 }
 
 /// Holding this means "my fetch for `key` is the one others wait for".
 struct FlightGuard {
     inner: Arc<Inner>,
     key: Arc<str>,
-    tx: Option<watch::Sender<()>>,
+    tx: Option<watch::Sender<FlightEnd>>,
+}
+
+impl FlightGuard {
+    /// Tells the waiters how the fetch ended (then releases them when dropped).
+    fn finish(&self, end: FlightEnd) {
+        if let Some(tx) = &self.tx {
+            tx.send_replace(end);
+        }
+    }
 }
 
 impl Drop for FlightGuard {
@@ -127,7 +148,7 @@ impl Drop for FlightGuard {
 
 enum Flight {
     Leader(FlightGuard),
-    Follower(watch::Receiver<()>),
+    Follower(watch::Receiver<FlightEnd>),
 }
 
 /// Request fields a stored response's validators replace, and `Range`: the cache fetches whole
@@ -444,7 +465,7 @@ impl Inner {
         if let Some(rx) = flights.get(key.as_str()) {
             return Flight::Follower(rx.clone());
         }
-        let (tx, rx) = watch::channel(());
+        let (tx, rx) = watch::channel(FlightEnd::Pending);
         flights.insert(key.shared(), rx);
         Flight::Leader(FlightGuard {
             inner: self.clone(),
@@ -465,32 +486,44 @@ impl Inner {
         fwd: Fwd,
         head: bool,
     ) -> Handled<U::Error> {
-        let guard = match self.join(&key) {
-            Flight::Leader(g) => Some(g),
-            Flight::Follower(mut rx) => {
-                let waited = tokio::time::timeout(policy.lock_timeout, rx.changed()).await;
-                if waited.is_ok() {
-                    let req_dirs = RequestDirectives::from_headers(&headers);
-                    if let (Some(obj), _) = self.lookup(&key, &headers).await {
-                        let now = self.now();
-                        let reuse = policy::reuse(
-                            &obj.fresh,
-                            obj.purged,
-                            &req_dirs,
-                            policy.client_directives,
-                            now,
-                        );
-                        if matches!(reuse, Reuse::Fresh | Reuse::StaleAccepted) {
-                            let mut st = CacheStatus::fwd(fwd);
-                            st.collapsed = true;
-                            st.ttl = Some(obj.fresh.ttl(now));
-                            return self.serve(&obj, &headers, head, CacheOutcome::Hit, st);
-                        }
-                    }
+        let deadline = tokio::time::Instant::now() + policy.lock_timeout;
+        let guard = loop {
+            let mut rx = match self.join(&key) {
+                Flight::Leader(g) => break Some(g),
+                Flight::Follower(rx) => rx,
+            };
+            let waited =
+                tokio::time::timeout_at(deadline, rx.wait_for(|e| *e != FlightEnd::Pending))
+                    .await
+                    .map(|r| r.map(|end| *end));
+            let end = match waited {
+                // Timed out: go ourselves.
+                Err(_) => break None,
+                Ok(Ok(end)) => end,
+                // The leader vanished without a verdict: take over (or wait for who did).
+                Ok(Err(_)) => continue,
+            };
+            if end == FlightEnd::Stored
+                && let (Some(obj), _) = self.lookup(&key, &headers).await
+            {
+                let req_dirs = RequestDirectives::from_headers(&headers);
+                let now = self.now();
+                let reuse = policy::reuse(
+                    &obj.fresh,
+                    obj.purged,
+                    &req_dirs,
+                    policy.client_directives,
+                    now,
+                );
+                if matches!(reuse, Reuse::Fresh | Reuse::StaleAccepted) {
+                    let mut st = CacheStatus::fwd(fwd);
+                    st.collapsed = true;
+                    st.ttl = Some(obj.fresh.ttl(now));
+                    return self.serve(&obj, &headers, head, CacheOutcome::Hit, st);
                 }
-                // Timed out, or the leader's answer cannot serve us: go ourselves.
-                None
             }
+            // Not storable, or the stored answer does not fit this request: go ourselves.
+            break None;
         };
         self.fetch(key, policy, headers, upstream, stale, fwd, head, guard)
             .await
@@ -560,6 +593,9 @@ impl Inner {
         let resp = match result {
             Ok(r) => r,
             Err(e) => {
+                if let Some(g) = &guard {
+                    g.finish(FlightEnd::Pass);
+                }
                 if let Some(obj) = stale
                     && obj.fresh.usable_on_error(response_time)
                 {
@@ -581,13 +617,18 @@ impl Inner {
             if status == StatusCode::NOT_MODIFIED {
                 let updated = obj.freshen(resp.headers(), request_time, response_time, &policy);
                 self.store.put(updated.clone());
-                drop(guard);
+                if let Some(g) = guard {
+                    g.finish(FlightEnd::Stored);
+                }
                 st.ttl = Some(updated.fresh.ttl(response_time));
                 return self.serve(&updated, &headers, head, CacheOutcome::Revalidated, st);
             }
             if matches!(status.as_u16(), 500 | 502 | 503 | 504)
                 && obj.fresh.usable_on_error(response_time)
             {
+                if let Some(g) = &guard {
+                    g.finish(FlightEnd::Pass);
+                }
                 st.detail = Some("stale-if-error");
                 st.ttl = Some(stale_ttl(obj, response_time));
                 return self.serve(obj, &headers, head, CacheOutcome::Stale, st);
@@ -675,7 +716,9 @@ impl Inner {
             if let Err(reason) = verdict {
                 st.detail = Some(reason.as_str());
             }
-            drop(guard);
+            if let Some(g) = guard {
+                g.finish(FlightEnd::Pass);
+            }
             parts.headers.append(CACHE_STATUS, st.to_header());
             return Handled {
                 outcome: CacheOutcome::Miss,
@@ -702,7 +745,17 @@ impl Inner {
             pending,
             policy.max_object_size,
             Box::new(move |obj| store_into.store.put(obj)),
-            Box::new(move || drop(guard)),
+            // After a completed store the waiters find the object; otherwise (too large after
+            // all, error, client gone) they were not served by this fetch.
+            Box::new(move |stored| {
+                if let Some(g) = guard {
+                    g.finish(if stored {
+                        FlightEnd::Stored
+                    } else {
+                        FlightEnd::Pass
+                    });
+                }
+            }),
         );
         Handled {
             outcome: CacheOutcome::Miss,

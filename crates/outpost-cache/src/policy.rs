@@ -425,7 +425,7 @@ pub fn reuse(
             _ => {}
         }
     }
-    if staleness <= fresh.stale_while_revalidate {
+    if !fresh.stale_while_revalidate.is_zero() && staleness <= fresh.stale_while_revalidate {
         return Reuse::StaleWhileRevalidate;
     }
     Reuse::Validate(ValidateWhy::Stale)
@@ -635,6 +635,11 @@ mod tests {
         assert_eq!(
             reuse(&f, false, &none, true, t(16)),
             Reuse::Validate(ValidateWhy::Stale)
+        );
+        assert_eq!(
+            reuse(&stored("max-age=10"), false, &none, true, t(10)),
+            Reuse::Validate(ValidateWhy::Stale),
+            "stale at the second its lifetime ends, with no SWR window"
         );
         assert_eq!(
             reuse(&f, true, &none, true, t(1)),

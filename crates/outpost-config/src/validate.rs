@@ -140,7 +140,66 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_client_location(&mut c, config);
     check_origins(&mut c, config);
     check_routes(&mut c, config);
+    check_cache(&mut c, config);
     c.problems
+}
+
+fn check_cache(c: &mut Checker, config: &Config) {
+    if config.cache.memory_size.as_u64() < 1 << 20 {
+        c.report(
+            path(&[&"cache", &"memory_size"]),
+            format!("cache memory of {} is too small", config.cache.memory_size),
+            "below 1 MiB",
+            Some("give the memory tier at least \"1 MiB\" (e.g. \"256 MiB\")".to_owned()),
+        );
+    }
+    if config.cache.disk_dir.is_some() && config.cache.disk_size.as_u64() < 1 << 20 {
+        c.report(
+            path(&[&"cache", &"disk_size"]),
+            format!("cache disk size of {} is too small", config.cache.disk_size),
+            "below 1 MiB",
+            Some("give the disk tier at least \"1 MiB\", or remove disk_dir".to_owned()),
+        );
+    }
+    for (i, r) in config.routes.iter().enumerate() {
+        let Some(rc) = &r.cache else { continue };
+        for (j, h) in rc.key.headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                c.report(
+                    path(&[&"routes", &i, &"cache", &"key", &"headers", &j]),
+                    format!("`{h}` is not a header name"),
+                    "invalid header name",
+                    Some("header names are tokens such as \"accept-language\"".to_owned()),
+                );
+            }
+        }
+        for (j, q) in rc.key.ignore_query.iter().enumerate() {
+            if q.is_empty() || q == "*" || q.contains(['&', '=']) {
+                c.report(
+                    path(&[&"routes", &i, &"cache", &"key", &"ignore_query", &j]),
+                    format!("`{q}` is not a query parameter name"),
+                    "invalid parameter",
+                    Some("name a parameter (\"fbclid\") or a prefix (\"utm_*\")".to_owned()),
+                );
+            }
+        }
+        if rc.max_object_size.as_u64() == 0 {
+            c.report(
+                path(&[&"routes", &i, &"cache", &"max_object_size"]),
+                "a cached route needs a maximum object size above 0".to_owned(),
+                "zero",
+                Some("e.g. \"8 MiB\"; set enabled = false to stop caching".to_owned()),
+            );
+        }
+        if rc.lock_timeout.is_zero() {
+            c.report(
+                path(&[&"routes", &i, &"cache", &"lock_timeout"]),
+                "lock_timeout of 0 would send every concurrent miss to the origin".to_owned(),
+                "zero",
+                Some("e.g. \"5s\" (how long misses wait for the first fetch)".to_owned()),
+            );
+        }
+    }
 }
 
 fn check_server(c: &mut Checker, config: &Config) {

@@ -1,7 +1,11 @@
-//! The request pipeline: context → route → origin stage → response filters → access log.
+//! The request pipeline: context → route → cache stage → origin stage → response filters →
+//! access log.
 //!
-//! This is the one function every request goes through; later stages (guards, cache,
-//! functions) slot in between routing and the origin stage.
+//! This is the one function every request goes through; later stages (guards, functions) slot
+//! in between routing and the cache stage. On a route with `[routes.cache]`, GET and HEAD go
+//! through [`outpost_cache::Cache::handle`], whose origin side ([`OriginFetch`]) is the same
+//! origin stage a pass-through uses; unsafe methods pass through and, when they succeed,
+//! invalidate what is stored for their URL.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -9,10 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use http::{HeaderValue, Method, Request, Response, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Version, header};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
+use outpost_cache::status::Fwd;
+use outpost_cache::{CACHE_STATUS, CacheOutcome, CacheStatus, Upstream};
+use outpost_config::GeoPoint;
 use outpost_telemetry::access::{self, AccessRecord};
 use outpost_telemetry::metrics::RouteMetrics;
 
@@ -20,13 +27,24 @@ use crate::body::{LimitedBody, ObservedBody, ProxyBody, ReplayableBody, boxed, e
 use crate::context::{ConnInfo, RequestContext};
 use crate::error::{ErrorSource, ProxyError};
 use crate::filters::{self, ForwardInfo, Timings};
-use crate::node::{Node, RouteRuntime, Snapshot};
+use crate::node::{Node, RouteCache, RouteRuntime, Snapshot};
 use crate::origin::AttemptError;
 use crate::routing::strip_prefix;
 
-/// A response from an origin, with what the logs need to know about it.
+/// A response from an origin or the cache, with what the logs need to know about it.
 struct Forwarded {
     response: Response<ProxyBody>,
+    /// Time to the origin's response head, when the origin was asked.
+    origin_ms: Option<f64>,
+    /// Region of the endpoint that answered, when one did.
+    region: Option<String>,
+    /// What the cache stage did, on cached routes.
+    cache: Option<CacheOutcome>,
+}
+
+/// Where an origin response came from, carried in its extensions through the cache stage.
+#[derive(Debug, Clone)]
+struct OriginInfo {
     origin_ms: f64,
     region: String,
 }
@@ -50,6 +68,7 @@ pub async fn handle(
         route: String::new(),
         origin_region: None,
         origin_ms: None,
+        cache: None,
     });
     let via = if req.version() == Version::HTTP_2 {
         snap.via_h2.clone()
@@ -57,16 +76,12 @@ pub async fn handle(
         snap.via_h1.clone()
     };
 
-    let (route, result) = proxy(&snap, &conn, &ctx, &via, req).await;
-    let (mut resp, origin_ms, region) = match result {
-        Ok(f) => (f.response, Some(f.origin_ms), Some(f.region)),
+    let (route, result) = proxy(&node, &snap, &conn, &ctx, &via, req).await;
+    let (mut resp, origin_ms, region, cache) = match result {
+        Ok(f) => (f.response, f.origin_ms, f.region, f.cache),
         Err(e) => {
-            if e.source() == ErrorSource::Downstream {
-                tracing::debug!(request_id = %ctx.request_id, error = %e, "Request refused.");
-            } else {
-                tracing::warn!(request_id = %ctx.request_id, error = %e, "Request failed.");
-            }
-            (e.to_response(&ctx.request_id), None, None)
+            log_failure(&ctx, &e);
+            (e.to_response(&ctx.request_id), None, None, None)
         }
     };
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -90,6 +105,7 @@ pub async fn handle(
         l.route = route_name.to_owned();
         l.origin_ms = origin_ms;
         l.origin_region = region;
+        l.cache = cache.map(CacheOutcome::as_str);
         l
     });
     Ok(observe(resp, started, status, metrics, log))
@@ -106,6 +122,15 @@ struct AccessInfo {
     route: String,
     origin_region: Option<String>,
     origin_ms: Option<f64>,
+    cache: Option<&'static str>,
+}
+
+fn log_failure(ctx: &RequestContext, e: &ProxyError) {
+    if e.source() == ErrorSource::Downstream {
+        tracing::debug!(request_id = %ctx.request_id, error = %e, "Request refused.");
+    } else {
+        tracing::warn!(request_id = %ctx.request_id, error = %e, "Request failed.");
+    }
 }
 
 fn observe(
@@ -135,6 +160,7 @@ fn observe(
                         duration_ms: secs * 1e3,
                         origin_ms: l.origin_ms,
                         origin_region: l.origin_region.as_deref(),
+                        cache: l.cache,
                         aborted,
                     });
                 }
@@ -175,7 +201,8 @@ fn has_dot_segment(path: &str) -> bool {
 }
 
 async fn proxy(
-    snap: &Snapshot,
+    node: &Node,
+    snap: &Arc<Snapshot>,
     conn: &ConnInfo,
     ctx: &RequestContext,
     via: &HeaderValue,
@@ -211,27 +238,32 @@ async fn proxy(
     let Some(route) = snap.routes.get(index) else {
         return (None, Err(ProxyError::NoRoute));
     };
-    (Some(index), forward(snap, route, conn, ctx, via, req).await)
+    (
+        Some(index),
+        forward(node, snap, index, route, conn, ctx, via, req).await,
+    )
 }
 
+#[expect(clippy::too_many_arguments, reason = "the request's whole context")]
 async fn forward(
-    snap: &Snapshot,
+    node: &Node,
+    snap: &Arc<Snapshot>,
+    index: usize,
     route: &RouteRuntime,
     conn: &ConnInfo,
     ctx: &RequestContext,
     via: &HeaderValue,
     req: Request<Incoming>,
 ) -> Result<Forwarded, ProxyError> {
-    let too_large = ProxyError::PayloadTooLarge {
-        limit: route.max_body,
-    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > route.max_body) {
-        return Err(too_large);
+        return Err(ProxyError::PayloadTooLarge {
+            limit: route.max_body,
+        });
     }
 
     let (parts, body) = req.into_parts();
@@ -261,7 +293,198 @@ async fn forward(
         &snap.locator,
     );
 
-    let candidates = route.group.nearest_available(ctx.location.point);
+    let Some(rc) = &route.cache else {
+        return send_to_origin(
+            route,
+            &ctx.request_id,
+            ctx.location.point,
+            &parts.method,
+            &path_and_query,
+            headers,
+            Some(body),
+        )
+        .await;
+    };
+    let client_pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let host = host.unwrap_or_default();
+    let cacheable = parts.method == Method::GET || parts.method == Method::HEAD;
+    if cacheable && body.is_end_stream() {
+        let upstream = Arc::new(OriginFetch {
+            snap: snap.clone(),
+            route: index,
+            path_and_query,
+            request_id: ctx.request_id.clone(),
+            at: ctx.location.point,
+        });
+        let handled = node
+            .cache()
+            .handle(
+                &rc.policy,
+                &host,
+                &client_pq,
+                &parts.method,
+                headers,
+                upstream,
+            )
+            .await;
+        rc.metrics.record(handled.outcome.index());
+        return Ok(match handled.result {
+            Ok(response) => {
+                let info = response.extensions().get::<OriginInfo>().cloned();
+                Forwarded {
+                    response,
+                    origin_ms: info.as_ref().map(|i| i.origin_ms),
+                    region: info.map(|i| i.region),
+                    cache: Some(handled.outcome),
+                }
+            }
+            Err(e) => {
+                log_failure(ctx, &e);
+                let mut response = e.to_response(&ctx.request_id);
+                response
+                    .headers_mut()
+                    .append(CACHE_STATUS, handled.status.to_header());
+                Forwarded {
+                    response,
+                    origin_ms: None,
+                    region: None,
+                    cache: Some(handled.outcome),
+                }
+            }
+        });
+    }
+    bypass(
+        node,
+        rc,
+        route,
+        ctx,
+        &host,
+        &client_pq,
+        &parts.method,
+        path_and_query,
+        headers,
+        body,
+    )
+    .await
+}
+
+/// A request the cache cannot answer (unsafe method, or a GET with a body) on a cached route:
+/// forwarded as it is; a successful unsafe request invalidates what is stored for its URL.
+#[expect(clippy::too_many_arguments, reason = "the request's whole context")]
+async fn bypass(
+    node: &Node,
+    rc: &RouteCache,
+    route: &RouteRuntime,
+    ctx: &RequestContext,
+    host: &str,
+    client_pq: &str,
+    method: &Method,
+    path_and_query: String,
+    headers: HeaderMap,
+    body: Incoming,
+) -> Result<Forwarded, ProxyError> {
+    let safe = method.is_safe();
+    let mut st = if safe {
+        CacheStatus::fwd(Fwd::Bypass)
+    } else {
+        CacheStatus::fwd(Fwd::Method)
+    };
+    if safe {
+        st.detail = Some("request-body");
+    }
+    rc.metrics.record(CacheOutcome::Bypass.index());
+    let mut f = send_to_origin(
+        route,
+        &ctx.request_id,
+        ctx.location.point,
+        method,
+        &path_and_query,
+        headers,
+        Some(body),
+    )
+    .await?;
+    let status = f.response.status();
+    st.fwd_status = Some(status.as_u16());
+    if !safe && (status.is_success() || status.is_redirection()) {
+        node.cache()
+            .invalidate(&rc.policy.key, host, client_pq, f.response.headers());
+    }
+    f.response
+        .headers_mut()
+        .append(CACHE_STATUS, st.to_header());
+    f.cache = Some(CacheOutcome::Bypass);
+    Ok(f)
+}
+
+/// The cache stage's way to the origin: the route's origin stage, owned so that a background
+/// refresh can outlive the request that started it.
+struct OriginFetch {
+    snap: Arc<Snapshot>,
+    route: usize,
+    path_and_query: String,
+    request_id: String,
+    at: GeoPoint,
+}
+
+impl Upstream for OriginFetch {
+    type Error = ProxyError;
+
+    fn fetch(
+        &self,
+        method: Method,
+        headers: HeaderMap,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'static {
+        let snap = self.snap.clone();
+        let route = self.route;
+        let path_and_query = self.path_and_query.clone();
+        let request_id = self.request_id.clone();
+        let at = self.at;
+        async move {
+            let Some(route) = snap.routes.get(route) else {
+                return Err(ProxyError::NoRoute);
+            };
+            let f = send_to_origin(
+                route,
+                &request_id,
+                at,
+                &method,
+                &path_and_query,
+                headers,
+                None,
+            )
+            .await?;
+            let mut response = f.response;
+            // The cache stores what it gets: hop-by-hop fields never reach it.
+            filters::strip_hop_by_hop(response.headers_mut());
+            if let (Some(origin_ms), Some(region)) = (f.origin_ms, f.region) {
+                response
+                    .extensions_mut()
+                    .insert(OriginInfo { origin_ms, region });
+            }
+            Ok(response)
+        }
+    }
+}
+
+/// The origin stage: nearest available endpoint, one retry on the next-nearest when the first
+/// could not even connect (and the body was not consumed yet).
+async fn send_to_origin(
+    route: &RouteRuntime,
+    request_id: &str,
+    at: GeoPoint,
+    method: &Method,
+    path_and_query: &str,
+    headers: HeaderMap,
+    body: Option<Incoming>,
+) -> Result<Forwarded, ProxyError> {
+    let too_large = ProxyError::PayloadTooLarge {
+        limit: route.max_body,
+    };
+    let candidates = route.group.nearest_available(at);
     if candidates.is_empty() {
         return Err(ProxyError::NoHealthyEndpoint(route.group.name.clone()));
     }
@@ -270,17 +493,18 @@ async fn forward(
     // Bodiless requests (most GETs) need neither the limit flag nor the replay machinery; a
     // body is made replayable only when a second endpoint could receive it.
     let mut exceeded = None;
-    let mut source = if body.is_end_stream() {
-        BodySource::Empty
-    } else {
-        let flag = Arc::new(AtomicBool::new(false));
-        let limited = boxed(LimitedBody::new(body, route.max_body, flag.clone()));
-        exceeded = Some(flag);
-        if attempts > 1 {
-            BodySource::Replay(ReplayableBody::new(limited))
-        } else {
-            BodySource::Once(Some(limited))
+    let mut source = match body {
+        Some(body) if !body.is_end_stream() => {
+            let flag = Arc::new(AtomicBool::new(false));
+            let limited = boxed(LimitedBody::new(body, route.max_body, flag.clone()));
+            exceeded = Some(flag);
+            if attempts > 1 {
+                BodySource::Replay(ReplayableBody::new(limited))
+            } else {
+                BodySource::Once(Some(limited))
+            }
         }
+        _ => BodySource::Empty,
     };
     let mut headers = Some(headers);
     let mut last_error = None;
@@ -291,10 +515,10 @@ async fn forward(
             headers.take().unwrap_or_default()
         };
         let uri = endpoint
-            .uri_for(&path_and_query)
+            .uri_for(path_and_query)
             .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
         let mut upstream = Request::new(source.attempt());
-        *upstream.method_mut() = parts.method.clone();
+        *upstream.method_mut() = method.clone();
         *upstream.uri_mut() = uri;
         *upstream.version_mut() = endpoint.version();
         *upstream.headers_mut() = attempt_headers;
@@ -307,13 +531,14 @@ async fn forward(
             Ok(response) => {
                 return Ok(Forwarded {
                     response,
-                    origin_ms: sent.elapsed().as_secs_f64() * 1e3,
-                    region: endpoint.region.clone(),
+                    origin_ms: Some(sent.elapsed().as_secs_f64() * 1e3),
+                    region: Some(endpoint.region.clone()),
+                    cache: None,
                 });
             }
             Err(AttemptError::Connect(e)) => {
                 tracing::warn!(
-                    request_id = %ctx.request_id,
+                    request_id = %request_id,
                     endpoint = %endpoint.authority,
                     error = %error_chain(e.as_ref()),
                     "Origin connect failed."

@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
+use outpost_cache::{Cache, CacheOutcome, KeyPolicy, RoutePolicy, StorageConfig};
 use outpost_config::Config;
 use outpost_telemetry::Metrics;
-use outpost_telemetry::metrics::RouteMetrics;
+use outpost_telemetry::metrics::{CacheRouteMetrics, RouteMetrics};
 
 use crate::geo::Locator;
 use crate::origin::{OriginBuildError, OriginGroup, Origins};
@@ -34,6 +35,59 @@ pub struct RouteRuntime {
     pub max_body: u64,
     /// Pre-resolved metric handles.
     pub metrics: RouteMetrics,
+    /// Caching policy, when the route caches.
+    pub cache: Option<RouteCache>,
+}
+
+/// A cached route's policy and its cache-status counters.
+#[derive(Debug)]
+pub struct RouteCache {
+    /// RFC 9111 gaps filled by the route's settings, and its key.
+    pub policy: Arc<RoutePolicy>,
+    /// `outpost_cache_requests_total{route, status}` handles.
+    pub metrics: CacheRouteMetrics,
+}
+
+fn route_cache(r: &outpost_config::Route, metrics: &Metrics) -> Option<RouteCache> {
+    let c = r.cache.as_ref().filter(|c| c.enabled)?;
+    let labels = CacheOutcome::ALL.map(CacheOutcome::as_str);
+    Some(RouteCache {
+        policy: Arc::new(RoutePolicy {
+            default_ttl: c.default_ttl,
+            override_ttl: c.override_ttl,
+            stale_while_revalidate: c.stale_while_revalidate,
+            stale_if_error: c.stale_if_error,
+            lock_timeout: c.lock_timeout,
+            max_object_size: c.max_object_size.as_u64(),
+            store_validation_errors: c.store_validation_errors,
+            client_directives: c.client_directives,
+            key: KeyPolicy {
+                // Validation rejects invalid names, so none is dropped here.
+                headers: c
+                    .key
+                    .headers
+                    .iter()
+                    .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                    .collect(),
+                cookies: c.key.cookies.clone(),
+                ignore_query: c.key.ignore_query.clone(),
+                sort_query: c.key.sort_query,
+            },
+        }),
+        metrics: metrics.cache_route(&r.name, &labels),
+    })
+}
+
+/// The storage settings of a config, with the disk directory resolved against the file.
+pub fn storage_config(config: &Config) -> StorageConfig {
+    StorageConfig {
+        memory_bytes: config.cache.memory_size.as_u64(),
+        disk: config
+            .cache
+            .disk_dir
+            .as_ref()
+            .map(|d| (config.base_dir.join(d), config.cache.disk_size.as_u64())),
+    }
 }
 
 /// Everything a request needs, built from one config.
@@ -76,6 +130,9 @@ pub enum BuildError {
     /// The node id cannot be a header value.
     #[error("node id `{0}` cannot be sent in a header")]
     NodeId(String),
+    /// The cache's disk tier cannot be opened.
+    #[error(transparent)]
+    Cache(#[from] outpost_cache::disk::DiskError),
 }
 
 impl Snapshot {
@@ -105,6 +162,7 @@ impl Snapshot {
                     .unwrap_or(config.server.max_body_bytes)
                     .as_u64(),
                 metrics: metrics.route(&r.name),
+                cache: route_cache(r, metrics),
             });
         }
         let table = RouteTable::new(
@@ -130,10 +188,13 @@ impl Snapshot {
     }
 }
 
-/// The node: current snapshot plus what outlives snapshots (metrics).
+/// The node: current snapshot plus what outlives snapshots (metrics, the cache).
 pub struct Node {
     current: ArcSwap<Snapshot>,
     metrics: Metrics,
+    /// One cache for every route; its storage is sized at start-up and kept across reloads.
+    cache: Cache,
+    storage: StorageConfig,
     /// Serialises reloads so two SIGHUPs cannot interleave their builds.
     reload_lock: Mutex<()>,
 }
@@ -147,10 +208,14 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// Builds the first snapshot; must run inside a Tokio runtime (health checks start).
     pub fn new(config: Config, metrics: Metrics) -> Result<Arc<Node>, BuildError> {
+        let storage = storage_config(&config);
+        let cache = Cache::new(&storage, &metrics)?;
         let snap = Snapshot::build(config, None, &metrics)?;
         Ok(Arc::new(Node {
             current: ArcSwap::from_pointee(snap),
             metrics,
+            cache,
+            storage,
             reload_lock: Mutex::new(()),
         }))
     }
@@ -160,6 +225,12 @@ impl Node {
     pub fn reload(&self, config: Config) -> Result<(), BuildError> {
         let _serial = self.reload_lock.lock();
         let previous = self.current.load_full();
+        let storage = storage_config(&config);
+        if storage.memory_bytes != self.storage.memory_bytes || storage.disk != self.storage.disk {
+            tracing::warn!(
+                "The [cache] storage settings changed; they apply at the next restart (routes' cache policies apply now)."
+            );
+        }
         let snap = Snapshot::build(config, Some(&previous), &self.metrics)?;
         self.current.store(Arc::new(snap));
         Ok(())
@@ -173,5 +244,10 @@ impl Node {
     /// The node's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The node's HTTP cache (purges, the cache stage).
+    pub fn cache(&self) -> &Cache {
+        &self.cache
     }
 }

@@ -29,6 +29,8 @@ pub struct AccessRecord<'a> {
     pub origin_ms: Option<f64>,
     /// Origin endpoint region that answered, if any.
     pub origin_region: Option<&'a str>,
+    /// What the cache did (`hit`, `stale`, `miss`, `revalidated`, `bypass`) on cached routes.
+    pub cache: Option<&'a str>,
     /// Whether the response body was cut short (client gone or origin broke).
     pub aborted: bool,
 }
@@ -49,6 +51,7 @@ pub fn log(r: &AccessRecord<'_>) {
         duration_ms = r.duration_ms,
         origin_ms = r.origin_ms,
         origin_region = r.origin_region,
+        cache = r.cache,
         aborted = r.aborted,
         "Request served."
     );

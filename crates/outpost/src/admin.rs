@@ -1,8 +1,8 @@
 //! The admin API (axum), loopback by default.
 //!
 //! Read-only endpoints (`/metrics`, `/livez`, `/readyz`, `/origins`) are open on the admin
-//! listener; anything that changes the node (`POST /reload`, later purge and deploys) needs
-//! `Authorization: Bearer <token>` and is disabled when no token is configured.
+//! listener; anything that changes the node (`POST /reload`, `POST /cache/purge`, later
+//! deploys) needs `Authorization: Bearer <token>` and is disabled when no token is configured.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,6 +29,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/origins", get(origins))
         .route("/reload", post(reload))
+        .route("/cache/purge", post(purge))
         .with_state(life);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -106,6 +107,66 @@ async fn reload(State(life): State<Arc<Lifecycle>>, headers: HeaderMap) -> Respo
             (StatusCode::UNPROCESSABLE_ENTITY, diagnostics).into_response()
         }
     }
+}
+
+/// `POST /cache/purge` body: exactly one target, and whether to mark stale instead of remove.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    /// One URL (`https://host/path?query` or `host/path?query`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A URL prefix (`host/path/`), or a path prefix on every host (`/path/`).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// A tag from `Surrogate-Key` / `Cache-Tag`.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Mark stale (still usable by stale-while-revalidate / stale-if-error) instead of removing.
+    #[serde(default)]
+    pub soft: bool,
+}
+
+impl PurgeRequest {
+    /// The one target, or why the request is unusable.
+    pub fn target(&self) -> Result<outpost_cache::PurgeTarget, &'static str> {
+        use outpost_cache::PurgeTarget;
+        match (&self.url, &self.prefix, &self.tag) {
+            (Some(u), None, None) if !u.is_empty() => Ok(PurgeTarget::Url(u.clone())),
+            (None, Some(p), None) if !p.is_empty() => Ok(PurgeTarget::Prefix(p.clone())),
+            (None, None, Some(t)) if !t.is_empty() => Ok(PurgeTarget::Tag(t.clone())),
+            _ => Err("give exactly one non-empty target: \"url\", \"prefix\" or \"tag\""),
+        }
+    }
+}
+
+async fn purge(
+    State(life): State<Arc<Lifecycle>>,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+) -> Response {
+    if let Err(resp) = authorize(&life, &headers) {
+        return resp;
+    }
+    let request: PurgeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({ "error": format!("invalid purge request: {e}") })),
+            )
+                .into_response();
+        }
+    };
+    let target = match request.target() {
+        Ok(t) => t,
+        Err(msg) => {
+            return (StatusCode::BAD_REQUEST, axum::Json(json!({ "error": msg }))).into_response();
+        }
+    };
+    let purged = life.node.cache().purge(&target, request.soft).await;
+    tracing::info!(target = ?target, soft = request.soft, purged, "Cache purged (admin API).");
+    axum::Json(json!({ "purged": purged, "soft": request.soft })).into_response()
 }
 
 /// Checks the bearer token in constant time.

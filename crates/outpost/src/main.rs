@@ -2,11 +2,14 @@
 //! logic lives here.
 //!
 //! # Layout
-//! - `main.rs`: the CLI (`serve`, `check`, `completions`).
+//! - `main.rs`: the CLI (`serve`, `check`, `purge`, `completions`).
 //! - [`serve`]: node lifecycle — start, reload on SIGHUP, drain on SIGTERM/SIGINT.
-//! - [`admin`]: the admin API (`/metrics`, `/livez`, `/readyz`, `/origins`).
+//! - [`admin`]: the admin API (`/metrics`, `/livez`, `/readyz`, `/origins`, `/reload`,
+//!   `/cache/purge`).
+//! - [`purge`]: `outpost purge`, a client of the running node's admin API.
 
 mod admin;
+mod purge;
 mod serve;
 
 use std::io::Write;
@@ -43,6 +46,28 @@ enum Command {
         #[arg(short, long, env = "OUTPOST_CONFIG", default_value = "outpost.toml")]
         config: PathBuf,
     },
+    /// Purge the running node's cache by URL, prefix or tag (through its admin API; the admin
+    /// address and token come from the config, `OUTPOST_ADMIN_TOKEN` overrides the token).
+    Purge {
+        /// Path to the node's TOML config.
+        #[arg(short, long, env = "OUTPOST_CONFIG", default_value = "outpost.toml")]
+        config: PathBuf,
+        /// One URL, e.g. `https://shop.example.com/products/1?lang=en` (all its variants).
+        #[arg(long, group = "target", required = true)]
+        url: Option<String>,
+        /// A URL prefix (`shop.example.com/products/`) or a path prefix on every host (`/products/`).
+        #[arg(long, group = "target")]
+        prefix: Option<String>,
+        /// A tag the origin sent in `Surrogate-Key` or `Cache-Tag`.
+        #[arg(long, group = "target")]
+        tag: Option<String>,
+        /// Mark stale instead of removing: stale-while-revalidate and stale-if-error still apply.
+        #[arg(long)]
+        soft: bool,
+        /// Admin API address (`ip:port`) instead of the config's `[admin] addr`.
+        #[arg(long)]
+        admin: Option<String>,
+    },
     /// Print a shell completion script (e.g. `outpost completions bash > /etc/bash_completion.d/outpost`).
     Completions {
         /// Target shell.
@@ -59,6 +84,23 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut cmd, "outpost", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
+        Command::Purge {
+            config,
+            url,
+            prefix,
+            tag,
+            soft,
+            admin,
+        } => match purge::run(&config, admin, url, prefix, tag, soft) {
+            Ok(msg) => {
+                println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve { config } => match serve::run(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

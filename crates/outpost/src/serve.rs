@@ -96,7 +96,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     runtime.block_on(serve(path.to_path_buf(), config))
 }
 
-fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
+pub fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
     if let Ok(t) = std::env::var("OUTPOST_ADMIN_TOKEN")
         && !t.is_empty()
     {

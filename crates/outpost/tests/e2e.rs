@@ -5,6 +5,9 @@
 
 mod support;
 
+#[path = "e2e/cache.rs"]
+mod cache;
+
 use std::time::Duration;
 
 use futures_util::StreamExt;

@@ -28,6 +28,17 @@ Endpoints
     status allows a body.
 ``GET /response-headers?Name=value&...``
     Adds each query parameter as a response header (repeats kept).
+``GET|POST|PUT|DELETE /cache/{name}``
+    A cacheable resource whose headers the query sets: ``cc``
+    (Cache-Control), ``etag``, ``lm`` (Last-Modified), ``tag``
+    (Surrogate-Key), ``vary``, ``status``, and ``ms`` (delay before the
+    head). Answers ``304`` when ``If-None-Match`` equals ``etag``. The JSON
+    body is ``{"name", "n", "lang"}`` where ``n`` counts the requests for
+    ``name`` (so a test sees which fetch produced a response) and ``lang`` is
+    the request's ``Accept-Language``. Unsafe methods answer
+    ``{"changed": name}``.
+``GET /control/count/{name}``
+    ``{"n": n}``: requests ``/cache/{name}`` received, any method.
 ``GET /healthz``
     200 ``{"ok": true, "region": R}``, or 503 while marked unhealthy.
 ``POST /control/health`` ``{"healthy": bool}``
@@ -148,6 +159,38 @@ async def pattern_bytes(request: Request, n: int = Path(ge=0)) -> Response:
         media_type="application/octet-stream",
         headers={"content-length": str(n)},
     )
+
+
+cache_counts: dict[str, int] = {}
+
+
+@app.api_route("/cache/{name}", methods=["GET", "POST", "PUT", "DELETE"])
+async def cacheable(request: Request, name: str) -> Response:
+    cache_counts[name] = cache_counts.get(name, 0) + 1
+    if request.method != "GET":
+        return JSONResponse({"changed": name})
+    q = request.query_params
+    if "ms" in q:
+        await asyncio.sleep(int(q["ms"]) / 1000)
+    headers = {}
+    for param, header in (
+        ("cc", "cache-control"),
+        ("etag", "etag"),
+        ("lm", "last-modified"),
+        ("tag", "surrogate-key"),
+        ("vary", "vary"),
+    ):
+        if param in q:
+            headers[header] = q[param]
+    if "etag" in q and request.headers.get("if-none-match") == q["etag"]:
+        return Response(status_code=304, headers=headers)
+    body = {"name": name, "n": cache_counts[name], "lang": request.headers.get("accept-language")}
+    return JSONResponse(body, status_code=int(q.get("status", "200")), headers=headers)
+
+
+@app.get("/control/count/{name}")
+async def cache_count(name: str) -> dict:
+    return {"n": cache_counts.get(name, 0)}
 
 
 @app.get("/slow")

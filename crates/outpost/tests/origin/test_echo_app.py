@@ -139,3 +139,15 @@ def test_bytes_head(client):
     assert r.status_code == 200
     assert r.headers["content-length"] == "1073741824"
     assert r.content == b""
+
+
+def test_cacheable_resource_sets_headers_counts_and_answers_304(client):
+    r = client.get("/cache/doc", params={"cc": "max-age=60", "etag": '"v1"', "tag": "a b"})
+    assert r.status_code == 200
+    assert r.headers["cache-control"] == "max-age=60"
+    assert r.headers["surrogate-key"] == "a b"
+    assert r.json()["n"] == 1
+    r = client.get("/cache/doc", params={"etag": '"v1"'}, headers={"if-none-match": '"v1"'})
+    assert r.status_code == 304
+    assert client.post("/cache/doc").json() == {"changed": "doc"}
+    assert client.get("/control/count/doc").json() == {"n": 3}
