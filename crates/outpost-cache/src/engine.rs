@@ -377,6 +377,24 @@ impl Cache {
     }
 }
 
+/// `If-Range` (RFC 9110 §13.1.5): the range applies only if the validator still matches
+/// (strong entity-tag comparison, or an exact `Last-Modified` date).
+fn range_applies(obj: &Object, request: &HeaderMap) -> bool {
+    let Some(if_range) = request.get(IF_RANGE) else {
+        return true;
+    };
+    let Ok(v) = if_range.to_str() else {
+        return false;
+    };
+    if v.starts_with('"') {
+        return obj
+            .etag()
+            .and_then(|e| e.to_str().ok())
+            .is_some_and(|e| !e.starts_with("W/") && e == v);
+    }
+    obj.last_modified().is_some_and(|lm| lm == if_range)
+}
+
 fn stale_ttl(obj: &Object, now: SystemTime) -> i64 {
     if obj.purged {
         obj.fresh.ttl(now).min(0)
@@ -779,10 +797,43 @@ impl Inner {
     ) -> Handled<E> {
         let now = self.now();
         let headers = obj.serve_headers(now);
+        let range = request
+            .get(RANGE)
+            .filter(|_| obj.status == StatusCode::OK && range_applies(obj, request))
+            .and_then(|r| object::byte_range(r, obj.body.len() as u64));
         let mut resp = if obj.status.is_success() && obj.not_modified_for(request) {
             let mut r = Response::new(body::empty());
             *r.status_mut() = StatusCode::NOT_MODIFIED;
             *r.headers_mut() = object::not_modified_headers(&headers);
+            r
+        } else if let Some(range) = range {
+            let len = obj.body.len() as u64;
+            let mut headers = headers;
+            let (status, content_range, data) = match range {
+                object::ByteRange::Satisfiable(start, end) => (
+                    StatusCode::PARTIAL_CONTENT,
+                    format!("bytes {start}-{end}/{len}"),
+                    obj.body.slice(
+                        usize::try_from(start).unwrap_or(0)..=usize::try_from(end).unwrap_or(0),
+                    ),
+                ),
+                object::ByteRange::Unsatisfiable => (
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    format!("bytes */{len}"),
+                    bytes::Bytes::new(),
+                ),
+            };
+            if let Ok(v) = HeaderValue::from_str(&content_range) {
+                headers.insert(http::header::CONTENT_RANGE, v);
+            }
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(data.len()));
+            let mut r = Response::new(if head {
+                body::empty()
+            } else {
+                body::full(data)
+            });
+            *r.status_mut() = status;
+            *r.headers_mut() = headers;
             r
         } else {
             let mut r = Response::new(if head {

@@ -166,6 +166,53 @@ impl Object {
     }
 }
 
+/// A single byte range of a stored body (RFC 9110 §14.1.2), resolved against its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// Serve `start..=end` as 206.
+    Satisfiable(u64, u64),
+    /// No byte of the range exists: 416.
+    Unsatisfiable,
+}
+
+/// Parses `Range: bytes=…` with exactly one range; `None` (serve the whole body, which RFC
+/// 9110 allows) for multiple ranges, other units or syntax errors.
+pub fn byte_range(header: &HeaderValue, len: u64) -> Option<ByteRange> {
+    let spec = header.to_str().ok()?.trim().strip_prefix("bytes=")?.trim();
+    if spec.contains(',') {
+        return None;
+    }
+    let (first, last) = spec.split_once('-')?;
+    let (first, last) = (first.trim(), last.trim());
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if first.is_empty() {
+        if !digits(last) {
+            return None;
+        }
+        let suffix: u64 = last.parse().ok()?;
+        if suffix == 0 || len == 0 {
+            return Some(ByteRange::Unsatisfiable);
+        }
+        return Some(ByteRange::Satisfiable(len.saturating_sub(suffix), len - 1));
+    }
+    if !digits(first) || !(last.is_empty() || digits(last)) {
+        return None;
+    }
+    let start: u64 = first.parse().ok()?;
+    let end = if last.is_empty() {
+        u64::MAX
+    } else {
+        last.parse().ok()?
+    };
+    if end < start {
+        return None;
+    }
+    if start >= len {
+        return Some(ByteRange::Unsatisfiable);
+    }
+    Some(ByteRange::Satisfiable(start, end.min(len - 1)))
+}
+
 /// The opaque part of an entity tag, for weak comparison.
 fn weak(tag: &str) -> &str {
     tag.strip_prefix("W/").unwrap_or(tag)
@@ -540,6 +587,21 @@ mod tests {
         assert!(o.not_modified_for(&req(IF_MODIFIED_SINCE, "Sun, 06 Nov 1994 08:49:37 GMT")));
         assert!(!o.not_modified_for(&req(IF_MODIFIED_SINCE, "Sat, 05 Nov 1994 08:49:37 GMT")));
         assert!(!o.not_modified_for(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn byte_ranges() {
+        let r = |v: &'static str| byte_range(&HeaderValue::from_static(v), 10);
+        assert_eq!(r("bytes=0-3"), Some(ByteRange::Satisfiable(0, 3)));
+        assert_eq!(r("bytes=5-"), Some(ByteRange::Satisfiable(5, 9)));
+        assert_eq!(r("bytes=-4"), Some(ByteRange::Satisfiable(6, 9)));
+        assert_eq!(r("bytes=-40"), Some(ByteRange::Satisfiable(0, 9)));
+        assert_eq!(r("bytes=8-100"), Some(ByteRange::Satisfiable(8, 9)));
+        assert_eq!(r("bytes=10-"), Some(ByteRange::Unsatisfiable));
+        assert_eq!(r("bytes=0-1,3-4"), None);
+        assert_eq!(r("bytes=3-1"), None);
+        assert_eq!(r("items=0-1"), None);
+        assert_eq!(r("bytes=a-b"), None);
     }
 
     #[test]

@@ -185,6 +185,9 @@ async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let drained = server.drain(drain_timeout).await;
     admin_shutdown.cancel();
     let _ = admin_task.await;
+    // Objects stored during the last requests reach the disk tier before the process ends.
+    let node = life.node.clone();
+    let _ = tokio::task::spawn_blocking(move || node.cache().flush()).await;
     if drained {
         tracing::info!("Drained; exiting.");
     } else {

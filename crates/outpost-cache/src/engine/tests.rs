@@ -889,3 +889,80 @@ async fn disk_tier_survives_a_restart_and_drops_corrupt_files() {
             .contains("outpost_cache_purges_total{kind=\"corrupt\"} 1")
     );
 }
+
+#[tokio::test]
+async fn ranges_are_served_from_a_stored_body() {
+    let h = Harness::new();
+    let fake = Fake::new(|_| {
+        Ok((
+            200,
+            vec![
+                ("cache-control", "max-age=60".to_owned()),
+                ("etag", "\"strong\"".to_owned()),
+            ],
+            Bytes::from_static(b"0123456789"),
+        ))
+    });
+    let miss = h.get(&fake, "/r", &[("range", "bytes=0-3")]).await;
+    assert_eq!(
+        miss.status, 200,
+        "a miss fetches and returns the whole body"
+    );
+    assert!(fake.last_seen().get("range").is_none());
+    let part = h.get(&fake, "/r", &[("range", "bytes=2-4")]).await;
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, "234");
+    assert_eq!(part.header("content-range"), "bytes 2-4/10");
+    assert_eq!(part.header("content-length"), "3");
+    let none = h.get(&fake, "/r", &[("range", "bytes=20-")]).await;
+    assert_eq!(none.status, 416);
+    assert_eq!(none.header("content-range"), "bytes */10");
+    let stale_validator = h
+        .get(
+            &fake,
+            "/r",
+            &[("range", "bytes=0-1"), ("if-range", "\"old\"")],
+        )
+        .await;
+    assert_eq!(stale_validator.status, 200);
+    assert_eq!(stale_validator.body, "0123456789");
+    assert_eq!(fake.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_leader_whose_client_leaves_hands_the_fetch_to_a_waiter() {
+    let h = Arc::new(Harness::new());
+    let gate = Arc::new(Semaphore::new(0));
+    let fake = Fake::gated(gate.clone(), |_| ok("max-age=60", "payload"));
+    let leader = {
+        let (h, fake) = (h.clone(), fake.clone());
+        tokio::spawn(async move {
+            let handled = h
+                .cache
+                .handle(
+                    &h.policy,
+                    "shop.test",
+                    "/gone",
+                    &Method::GET,
+                    HeaderMap::new(),
+                    fake,
+                )
+                .await;
+            // The client disconnects: the response (and its storing body) is dropped unread.
+            drop(handled);
+        })
+    };
+    while fake.calls() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let follower = {
+        let (h, fake) = (h.clone(), fake.clone());
+        tokio::spawn(async move { h.get(&fake, "/gone", &[]).await })
+    };
+    gate.add_permits(2);
+    leader.await.expect("leader");
+    let got = follower.await.expect("follower");
+    assert_eq!(got.body, "payload");
+    assert_eq!(fake.calls(), 2, "the waiter took the fetch over");
+    assert_eq!(h.get(&fake, "/gone", &[]).await.outcome, CacheOutcome::Hit);
+}
