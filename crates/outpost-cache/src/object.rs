@@ -589,6 +589,25 @@ mod tests {
         assert!(!o.not_modified_for(&HeaderMap::new()));
     }
 
+    proptest::proptest! {
+        /// Meta sections that pass their checksum but hold garbage (a foreign writer, a format
+        /// bug) are rejected with an error, never a panic.
+        #[test]
+        fn garbage_meta_with_a_valid_checksum_is_rejected_cleanly(
+            meta in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            let mut prefix = Vec::new();
+            prefix.extend_from_slice(MAGIC);
+            prefix.put_u32(meta.len() as u32);
+            prefix.put_u32(crc32fast::hash(&meta));
+            prefix.put_u64(body.len() as u64);
+            prefix.put_u32(crc32fast::hash(&body));
+            let _ = decode(&prefix, &meta, Some(&body));
+            let _ = decode(&prefix, &meta, None);
+        }
+    }
+
     #[test]
     fn byte_ranges() {
         let r = |v: &'static str| byte_range(&HeaderValue::from_static(v), 10);
