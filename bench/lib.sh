@@ -17,7 +17,7 @@
 #
 # Settings (environment):
 #   BENCH_DURATION     measured wrk run, wrk syntax or plain seconds   (default 10s)
-#   BENCH_WARMUP       warm-up run before each measured run            (default 2s)
+#   BENCH_WARMUP       warm-up run before each measured run, 0: none   (default 2s)
 #   BENCH_CONNECTIONS  wrk -c                                          (default 32)
 #   BENCH_THREADS      wrk -t                                          (default 1)
 #   BENCH_CLIENT_CPU   core(s) wrk is pinned to, taskset -c syntax     (default 1)
@@ -25,6 +25,11 @@
 #   BENCH_KEEP_TMP=1   keep the temp dir (configs, logs, raw wrk output) after the run
 #   BENCH_CONTEXT_PIDS processes busy during the runs but not measured (the origin): set by
 #                      the script, so that their CPU is not reported as outside noise
+#
+# Set by a script, not by the environment (see bench_wrk and bench_measure):
+#   BENCH_WRK_SCRIPT, BENCH_WRK_SCRIPT_ARGS   a wrk Lua script (-s) and its arguments
+#   BENCH_PRE_RUN, BENCH_POST_RUN             commands run just before / just after the
+#                                             measured run (BENCH_POST_RUN_JSON: extra fields)
 
 # This file is sourced; these are used by the scripts that source it.
 # shellcheck disable=SC2034
@@ -46,6 +51,11 @@ BENCH_WRK_PID=""  # the wrk running now, if any
 BENCH_NAME=""
 BENCH_RESULTS_FILE=""
 BENCH_CLK_TCK=""
+BENCH_WRK_SCRIPT=""      # wrk -s SCRIPT for every run, if set
+BENCH_WRK_SCRIPT_ARGS=() # arguments after `--`, which the script's init(args) gets
+BENCH_PRE_RUN=""         # see bench_measure
+BENCH_POST_RUN=""
+BENCH_POST_RUN_JSON=""
 
 bench_log() { printf '[bench] %s\n' "$*" >&2; }
 bench_die() {
@@ -120,6 +130,7 @@ bench_require_tools() {
             pgrep) pkg=procps ;;
             ss) pkg=iproute2 ;;
             awk) pkg=mawk ;;
+            varnishd) pkg=varnish ;;
             *) pkg=$tool ;;
         esac
         missing+=("$tool")
@@ -250,6 +261,13 @@ bench_stop() {
     done
     # Reap them; their exit status (143 for a SIGTERM) is not an error here.
     for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+    # Forget them: once reaped, a PID can be given to an unrelated process, which the
+    # cleanup at exit must not signal.
+    local kept=() p
+    for p in "${BENCH_PIDS[@]}"; do
+        [[ " $* " == *" $p "* ]] || kept+=("$p")
+    done
+    BENCH_PIDS=("${kept[@]}")
     return 0
 }
 
@@ -270,16 +288,23 @@ bench_to_us() {
     }'
 }
 
-# bench_wrk OUTFILE URL [DURATION]: one wrk run, pinned to $BENCH_CLIENT_CPU, with --latency;
-# raw output in OUTFILE. Sets BENCH_WRK_REQUESTS, BENCH_WRK_RPS, BENCH_WRK_P50_US,
-# BENCH_WRK_P99_US, BENCH_WRK_ELAPSED_S, BENCH_WRK_ERRORS (socket errors) and
-# BENCH_WRK_NON2XX. Returns 1 if wrk failed or its output could not be read.
+# bench_wrk OUTFILE URL [DURATION]: one wrk run, pinned to $BENCH_CLIENT_CPU, with --latency
+# (and -s "$BENCH_WRK_SCRIPT" -- "${BENCH_WRK_SCRIPT_ARGS[@]}" when a script is set: the URL
+# then gives the host and port, the script may choose the paths); raw output in OUTFILE.
+# Sets BENCH_WRK_REQUESTS, BENCH_WRK_RPS, BENCH_WRK_P50_US, BENCH_WRK_P99_US,
+# BENCH_WRK_ELAPSED_S, BENCH_WRK_ERRORS (socket errors) and BENCH_WRK_NON2XX. Returns 1 if wrk failed or its output could not be read.
 bench_wrk() {
     local out=${1:?bench_wrk OUTFILE URL [DURATION]} url=${2:?} duration=${3:-$BENCH_DURATION}
+    local script=() script_args=()
+    if [[ -n $BENCH_WRK_SCRIPT ]]; then
+        script=(-s "$BENCH_WRK_SCRIPT")
+        # wrk passes what follows the URL to the script's init(); `--` ends wrk's options.
+        script_args=(-- "${BENCH_WRK_SCRIPT_ARGS[@]}")
+    fi
     # In the background and waited for, so that a signal to the script is handled at once
     # (bash runs traps only after a foreground command returns) and cleanup stops wrk too.
     taskset -c "$BENCH_CLIENT_CPU" wrk -t"$BENCH_THREADS" -c"$BENCH_CONNECTIONS" \
-        -d"$duration" --latency "$url" >"$out" 2>&1 </dev/null &
+        -d"$duration" --latency "${script[@]}" "$url" "${script_args[@]}" >"$out" 2>&1 </dev/null &
     BENCH_WRK_PID=$!
     local rc=0
     wait "$BENCH_WRK_PID" || rc=$?
@@ -335,7 +360,7 @@ bench_self_ticks() {
 }
 
 # bench_measure TARGET URL PID...: measures one server.
-#   1. warm-up: wrk for $BENCH_WARMUP, results discarded;
+#   1. warm-up: wrk for $BENCH_WARMUP, results discarded (none if BENCH_WARMUP is 0);
 #   2. CPU ticks of PIDs (bench_cpu_ticks), wrk for $BENCH_DURATION, CPU ticks again;
 #   3. CPU-µs per request = (Δticks / CLK_TCK × 1e6) / requests; CPU % = Δticks / CLK_TCK /
 #      wrk's elapsed time (how busy the server was: 100 = one core).
@@ -346,6 +371,11 @@ bench_self_ticks() {
 # Appends a row for bench_print_table, a JSON line to $BENCH_RESULTS_FILE, and sets
 # BENCH_RESULT_CPU_US, BENCH_RESULT_P99_US, BENCH_RESULT_RPS for the caller.
 # Extra JSON fields can be passed in BENCH_EXTRA_JSON (e.g. '"body_bytes":1024').
+# Hooks, for figures taken around the measured run only (the origin's request count, say):
+# BENCH_PRE_RUN is run (in this shell) after the warm-up, just before the first readings;
+# BENCH_POST_RUN just after the last readings, so that neither is counted in the run. What
+# BENCH_POST_RUN leaves in BENCH_POST_RUN_JSON is added to the JSON line too. If a hook
+# fails, the measure fails (returns 1).
 bench_measure() {
     local target=${1:?bench_measure TARGET URL PID...} url=${2:?}
     shift 2
@@ -357,8 +387,13 @@ bench_measure() {
         [[ " ${pids[*]} " == *" $p "* ]] || ctx+=("$p")
     done
 
-    bench_log "$target: warm-up ${BENCH_WARMUP} ($url)"
-    bench_wrk "$BENCH_TMP/wrk-$target-warmup.txt" "$url" "$BENCH_WARMUP" || return 1
+    if [[ $BENCH_WARMUP =~ ^0*(\.0*)?[a-z]*$ ]]; then
+        bench_log "$target: no warm-up ($url)"
+    else
+        bench_log "$target: warm-up ${BENCH_WARMUP} ($url)"
+        bench_wrk "$BENCH_TMP/wrk-$target-warmup.txt" "$url" "$BENCH_WARMUP" || return 1
+    fi
+    if [[ -n $BENCH_PRE_RUN ]]; then $BENCH_PRE_RUN || return 1; fi
 
     bench_log "$target: measuring ${BENCH_DURATION}, ${BENCH_CONNECTIONS} connections, ${BENCH_THREADS} wrk thread(s) on core ${BENCH_CLIENT_CPU}; CPU of pid(s) ${pids[*]}"
     local t0 t1 c0 c1 s0 s1 busy0 busy1 steal0 steal1
@@ -371,6 +406,8 @@ bench_measure() {
     c1=$(bench_cpu_ticks "${ctx[@]}")
     s1=$(bench_self_ticks)
     read -r busy1 steal1 < <(bench_sys_ticks)
+    BENCH_POST_RUN_JSON=""
+    if [[ -n $BENCH_POST_RUN ]]; then $BENCH_POST_RUN || return 1; fi
     local died=0
     for pid in "${pids[@]}"; do
         if ! kill -0 "$pid" 2>/dev/null || bench_is_zombie "$pid"; then
@@ -413,6 +450,7 @@ bench_measure() {
         "$((BENCH_WRK_ERRORS + BENCH_WRK_NON2XX))" "$other_pct")")
 
     local extra=${BENCH_EXTRA_JSON:-}
+    if [[ -n $BENCH_POST_RUN_JSON ]]; then extra="${extra:+$extra,}$BENCH_POST_RUN_JSON"; fi
     printf '{"bench":"%s","target":"%s","time":"%s","git":"%s","kernel":"%s","requests":%s,"rps":%s,"p50_us":%s,"p99_us":%s,"cpu_ticks":%s,"clk_tck":%s,"cpu_us_per_req":%s,"cpu_pct":%s,"other_cpu_pct":%s,"steal_pct":%s,"elapsed_s":%s,"socket_errors":%s,"non_2xx":%s,"duration":"%s","warmup":"%s","connections":%s,"wrk_threads":%s,"client_cpu":"%s","pids":"%s"%s}\n' \
         "$BENCH_NAME" "$target" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(bench_git_rev)" "$(uname -r)" \
         "$BENCH_WRK_REQUESTS" "$BENCH_WRK_RPS" "$BENCH_WRK_P50_US" "$BENCH_WRK_P99_US" \
