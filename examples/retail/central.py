@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timezone
 
-from fastapi import FastAPI, HTTPException, Request, status
+from fastapi import FastAPI, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
 
 REGION = os.environ.get("REGION", "us-west")
@@ -136,23 +136,37 @@ def healthz() -> dict[str, str]:
     return {"status": "ok", "region": REGION}
 
 
+# The catalog changes rarely: edges may keep it 30 s, serve it stale for a minute while they
+# refresh it, and for an hour if this service is down. Surrogate keys let an operator purge one
+# product (`outpost purge --tag product-<sku>`) or the whole catalog (`--tag catalog`).
+CATALOG_CACHE = "public, max-age=30, stale-while-revalidate=60, stale-if-error=3600"
+
+
+def cacheable(response: Response, *tags: str) -> None:
+    response.headers["Cache-Control"] = CATALOG_CACHE
+    response.headers["Surrogate-Key"] = " ".join(("catalog", *tags))
+
+
 @app.get("/products")
-def list_products() -> list[Product]:
+def list_products(response: Response) -> list[Product]:
+    cacheable(response)
     return list(CATALOG.values())
 
 
 @app.get("/products/{sku}")
-def get_product(sku: str) -> Product:
+def get_product(sku: str, response: Response) -> Product:
     product = CATALOG.get(sku)
     if product is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="unknown sku")
+    cacheable(response, f"product-{sku}")
     return product
 
 
 @app.get("/prices/{sku}")
-def get_price(sku: str) -> Price:
+def get_price(sku: str, response: Response) -> Price:
     if sku not in PRICES_CENTS:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="unknown sku")
+    cacheable(response, f"product-{sku}")
     return Price(sku=sku, price_cents=PRICES_CENTS[sku])
 
 

@@ -40,6 +40,17 @@ def test_products(client):
     assert r.json() == products[0]
 
 
+def test_catalog_is_cacheable_with_surrogate_keys(client):
+    r = client.get("/products")
+    assert "max-age=30" in r.headers["cache-control"]
+    assert r.headers["surrogate-key"] == "catalog"
+    sku = r.json()[0]["sku"]
+    r = client.get(f"/prices/{sku}")
+    assert r.headers["surrogate-key"] == f"catalog product-{sku}"
+    assert "cache-control" not in client.get("/sales").headers
+    assert "cache-control" not in client.get("/products/nope").headers
+
+
 def test_unknown_product_is_404(client):
     r = client.get("/products/NOPE-999")
     assert r.status_code == 404
