@@ -377,6 +377,23 @@ impl Cache {
     }
 }
 
+/// Whether a 304 names a different strong entity tag than the stored response has.
+fn validator_mismatch(obj: &Object, update: &HeaderMap) -> bool {
+    let strong = |v: &HeaderValue| {
+        v.to_str()
+            .ok()
+            .filter(|s| !s.starts_with("W/"))
+            .map(str::to_owned)
+    };
+    match (
+        update.get(http::header::ETAG).and_then(strong),
+        obj.etag().and_then(strong),
+    ) {
+        (Some(new), Some(old)) => new != old,
+        _ => false,
+    }
+}
+
 /// `If-Range` (RFC 9110 §13.1.5): the range applies only if the validator still matches
 /// (strong entity-tag comparison, or an exact `Last-Modified` date).
 fn range_applies(obj: &Object, request: &HeaderMap) -> bool {
@@ -586,7 +603,7 @@ impl Inner {
         policy: Arc<RoutePolicy>,
         headers: HeaderMap,
         upstream: Arc<U>,
-        stale: Option<Arc<Object>>,
+        mut stale: Option<Arc<Object>>,
         fwd: Fwd,
         head: bool,
         guard: Option<FlightGuard>,
@@ -596,6 +613,8 @@ impl Inner {
         for name in &CLIENT_CONDITIONALS {
             origin_headers.remove(name);
         }
+        // Kept for the rare unconditional retry below.
+        let plain_headers = stale.as_ref().map(|_| origin_headers.clone());
         if let Some(obj) = &stale {
             if let Some(etag) = obj.etag() {
                 origin_headers.insert(IF_NONE_MATCH, etag.clone());
@@ -604,9 +623,24 @@ impl Inner {
                 origin_headers.insert(IF_MODIFIED_SINCE, lm.clone());
             }
         }
-        let request_time = self.now();
-        let result = upstream.fetch(Method::GET, origin_headers).await;
-        let response_time = self.now();
+        let mut request_time = self.now();
+        let mut result = upstream.fetch(Method::GET, origin_headers).await;
+        let mut response_time = self.now();
+
+        // RFC 9111 §4.3.4: a 304 whose strong validator differs from the stored one does not
+        // describe it. Drop that copy and ask again without conditions.
+        let mismatch = match (&stale, &result) {
+            (Some(obj), Ok(resp)) => {
+                resp.status() == StatusCode::NOT_MODIFIED && validator_mismatch(obj, resp.headers())
+            }
+            _ => false,
+        };
+        if mismatch && let (Some(obj), Some(plain)) = (stale.take(), plain_headers) {
+            self.store.remove_variant(&obj);
+            request_time = self.now();
+            result = upstream.fetch(Method::GET, plain).await;
+            response_time = self.now();
+        }
 
         let resp = match result {
             Ok(r) => r,

@@ -966,3 +966,31 @@ async fn a_leader_whose_client_leaves_hands_the_fetch_to_a_waiter() {
     assert_eq!(fake.calls(), 2, "the waiter took the fetch over");
     assert_eq!(h.get(&fake, "/gone", &[]).await.outcome, CacheOutcome::Hit);
 }
+
+#[tokio::test]
+async fn a_304_for_another_representation_is_not_merged() {
+    let h = Harness::new();
+    let n = Arc::new(AtomicUsize::new(0));
+    let counter = n.clone();
+    let fake = Fake::new(move |req| {
+        let i = counter.fetch_add(1, Ordering::SeqCst);
+        if req.contains_key("if-none-match") {
+            // A broken or racing origin: "not modified", but naming another version.
+            return Ok((304, vec![("etag", "\"v9\"".to_owned())], Bytes::new()));
+        }
+        Ok((
+            200,
+            vec![
+                ("cache-control", "max-age=10".to_owned()),
+                ("etag", format!("\"v{i}\"")),
+            ],
+            Bytes::from(format!("body {i}")),
+        ))
+    });
+    h.get(&fake, "/m", &[]).await;
+    h.advance(20);
+    let got = h.get(&fake, "/m", &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "body 2", "refetched without conditions");
+    assert_eq!(fake.calls(), 3);
+}
