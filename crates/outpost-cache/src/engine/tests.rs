@@ -994,3 +994,65 @@ async fn a_304_for_another_representation_is_not_merged() {
     assert_eq!(got.body, "body 2", "refetched without conditions");
     assert_eq!(fake.calls(), 3);
 }
+
+#[tokio::test]
+async fn both_tiers_stay_within_their_byte_bounds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StorageConfig {
+        memory_bytes: 2 << 20,
+        disk: Some((dir.path().to_path_buf(), 3 << 20)),
+    };
+    let metrics = Metrics::new("t");
+    let cache = Cache::new(&config, &metrics).expect("opens");
+    let policy = Arc::new(RoutePolicy::default());
+    static BODY: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+    let fake = Fake::new(|_| ok("max-age=600", std::str::from_utf8(&BODY).unwrap_or("")));
+    // 200 objects of 64 KiB: 12.5 MiB offered to a 2 MiB memory tier and a 3 MiB disk tier.
+    for i in 0..200 {
+        let handled = cache
+            .handle(
+                &policy,
+                "h",
+                &format!("/o/{i}"),
+                &Method::GET,
+                HeaderMap::new(),
+                fake.clone(),
+            )
+            .await;
+        handled
+            .result
+            .expect("ok")
+            .into_body()
+            .collect()
+            .await
+            .expect("body");
+    }
+    cache.flush();
+    let text = metrics.encode();
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    let mem = sample("outpost_cache_stored_bytes{tier=\"memory\"}");
+    let disk = sample("outpost_cache_stored_bytes{tier=\"disk\"}");
+    assert!(
+        mem > 0.0 && mem <= f64::from(2u32 << 20),
+        "memory tier holds {mem} bytes"
+    );
+    assert!(
+        disk > 0.0 && disk <= f64::from(3u32 << 20),
+        "disk tier holds {disk} bytes"
+    );
+    let on_disk: u64 = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter_map(|f| f.metadata().ok().map(|m| m.len()))
+        .sum();
+    assert!(on_disk <= 3 << 20, "files on disk: {on_disk} bytes");
+    assert!(sample("outpost_cache_evictions_total{tier=\"memory\"}") > 0.0);
+    assert!(sample("outpost_cache_evictions_total{tier=\"disk\"}") > 0.0);
+}
