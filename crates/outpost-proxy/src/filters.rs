@@ -77,13 +77,21 @@ pub const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
-/// Prepares request headers for the origin.
+/// Prepares request headers for the origin: [`strip_request`] then [`add_forwarding`].
 pub fn request_headers(
     headers: &mut HeaderMap,
     ctx: &RequestContext,
     info: &ForwardInfo<'_>,
     locator: &Locator,
 ) {
+    strip_request(headers, ctx, locator);
+    add_forwarding(headers, ctx, info);
+}
+
+/// Removes what must never travel on or influence anything: hop-by-hop fields, internal
+/// `x-outpost-*` headers and, from untrusted peers, location and forwarding headers. The cache
+/// stage sees requests in this state.
+pub fn strip_request(headers: &mut HeaderMap, ctx: &RequestContext, locator: &Locator) {
     let untrusted = !ctx.peer_trusted;
     let location = locator.location_headers();
     let forwarded = [
@@ -95,7 +103,11 @@ pub fn request_headers(
     strip_matching(headers, |name| {
         is_internal(name) || (untrusted && (location.contains(&name) || forwarded.contains(name)))
     });
+}
 
+/// Adds what the origin learns about the hop: `X-Forwarded-*`, `Host` for HTTP/2 clients,
+/// `Via`, `X-Request-Id` and `traceparent`. Runs only for requests that go to an origin.
+pub fn add_forwarding(headers: &mut HeaderMap, ctx: &RequestContext, info: &ForwardInfo<'_>) {
     // X-Forwarded-For: a trusted proxy's chain is extended, anyone else's is replaced.
     let xff = if ctx.peer_trusted {
         let prior: Vec<&str> = headers

@@ -57,7 +57,9 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let snap = node.snapshot();
-    let ctx = RequestContext::new(&conn, req.headers(), &snap.locator);
+    // Shared, so that a cache miss's origin fetch (which may outlive the request as a
+    // background refresh) can add the forwarding headers without copying the context.
+    let ctx = Arc::new(RequestContext::new(&conn, req.headers(), &snap.locator));
     let log = snap.config.log.access_log.then(|| AccessInfo {
         method: req.method().as_str().to_owned(),
         path: req.uri().path().to_owned(),
@@ -77,10 +79,11 @@ pub async fn handle(
     };
 
     let (route, result) = proxy(&node, &snap, &conn, &ctx, &via, req).await;
+    let ctx = &*ctx;
     let (mut resp, origin_ms, region, cache) = match result {
         Ok(f) => (f.response, f.origin_ms, f.region, f.cache),
         Err(e) => {
-            log_failure(&ctx, &e);
+            log_failure(ctx, &e);
             (e.to_response(&ctx.request_id), None, None, None)
         }
     };
@@ -204,7 +207,7 @@ async fn proxy(
     node: &Node,
     snap: &Arc<Snapshot>,
     conn: &ConnInfo,
-    ctx: &RequestContext,
+    ctx: &Arc<RequestContext>,
     via: &HeaderValue,
     req: Request<Incoming>,
 ) -> (Option<usize>, Result<Forwarded, ProxyError>) {
@@ -251,7 +254,7 @@ async fn forward(
     index: usize,
     route: &RouteRuntime,
     conn: &ConnInfo,
-    ctx: &RequestContext,
+    ctx: &Arc<RequestContext>,
     via: &HeaderValue,
     req: Request<Incoming>,
 ) -> Result<Forwarded, ProxyError> {
@@ -279,21 +282,17 @@ async fn forward(
         None => new_path.to_owned(),
     };
     let mut headers = parts.headers;
-    let peer_ip = conn.peer.ip().to_string();
-    filters::request_headers(
-        &mut headers,
-        ctx,
-        &ForwardInfo {
-            host: host.as_deref(),
-            scheme: conn.scheme,
-            peer_ip: &peer_ip,
-            stripped_prefix: route.strip_prefix.then_some(route.prefix.as_str()),
-            via,
-        },
-        &snap.locator,
-    );
+    filters::strip_request(&mut headers, ctx, &snap.locator);
+    let hop = Hop {
+        host,
+        scheme: conn.scheme,
+        peer: conn.peer.ip(),
+        stripped_prefix: route.strip_prefix.then(|| route.prefix.clone()),
+        via: via.clone(),
+    };
 
     let Some(rc) = &route.cache else {
+        hop.add_forwarding(&mut headers, ctx);
         return send_to_origin(
             route,
             &ctx.request_id,
@@ -310,15 +309,15 @@ async fn forward(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned();
-    let host = host.unwrap_or_default();
+    let host = hop.host.clone().unwrap_or_default();
     let cacheable = parts.method == Method::GET || parts.method == Method::HEAD;
     if cacheable && body.is_end_stream() {
         let upstream = Arc::new(OriginFetch {
             snap: snap.clone(),
             route: index,
             path_and_query,
-            request_id: ctx.request_id.clone(),
-            at: ctx.location.point,
+            ctx: ctx.clone(),
+            hop,
         });
         let handled = node
             .cache()
@@ -357,6 +356,7 @@ async fn forward(
             }
         });
     }
+    hop.add_forwarding(&mut headers, ctx);
     bypass(
         node,
         rc,
@@ -420,14 +420,41 @@ async fn bypass(
     Ok(f)
 }
 
+/// What the forwarding headers say about this hop, owned so that a cache miss can add them
+/// after the lookup (a hit never needs them).
+struct Hop {
+    host: Option<String>,
+    scheme: crate::context::Scheme,
+    peer: IpAddr,
+    stripped_prefix: Option<String>,
+    via: HeaderValue,
+}
+
+impl Hop {
+    fn add_forwarding(&self, headers: &mut HeaderMap, ctx: &RequestContext) {
+        let peer_ip = self.peer.to_string();
+        filters::add_forwarding(
+            headers,
+            ctx,
+            &ForwardInfo {
+                host: self.host.as_deref(),
+                scheme: self.scheme,
+                peer_ip: &peer_ip,
+                stripped_prefix: self.stripped_prefix.as_deref(),
+                via: &self.via,
+            },
+        );
+    }
+}
+
 /// The cache stage's way to the origin: the route's origin stage, owned so that a background
 /// refresh can outlive the request that started it.
 struct OriginFetch {
     snap: Arc<Snapshot>,
     route: usize,
     path_and_query: String,
-    request_id: String,
-    at: GeoPoint,
+    ctx: Arc<RequestContext>,
+    hop: Hop,
 }
 
 impl Upstream for OriginFetch {
@@ -436,13 +463,14 @@ impl Upstream for OriginFetch {
     fn fetch(
         &self,
         method: Method,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'static {
+        self.hop.add_forwarding(&mut headers, &self.ctx);
         let snap = self.snap.clone();
         let route = self.route;
         let path_and_query = self.path_and_query.clone();
-        let request_id = self.request_id.clone();
-        let at = self.at;
+        let request_id = self.ctx.request_id.clone();
+        let at = self.ctx.location.point;
         async move {
             let Some(route) = snap.routes.get(route) else {
                 return Err(ProxyError::NoRoute);

@@ -111,6 +111,33 @@ async fn hits_revalidation_vary_head_and_invalidation_against_fastapi() {
         cache_status(&after)
     );
 
+    // A miss goes out like a pass-through: forwarding headers added, internal ones stripped.
+    let echo: serde_json::Value = c
+        .get(node.url("/echo/x"))
+        .header("x-outpost-identity", "forged")
+        .header("x-request-id", "client-chosen")
+        .send()
+        .await
+        .expect("echo")
+        .json()
+        .await
+        .expect("json");
+    let seen = |name: &str| -> Vec<String> {
+        echo["headers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|h| h[0] == name)
+            .filter_map(|h| h[1].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(seen("x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(seen("via"), ["1.1 test-node"]);
+    assert!(seen("x-outpost-identity").is_empty());
+    assert_eq!(seen("traceparent").len(), 1);
+    let rid = seen("x-request-id");
+    assert!(rid.len() == 1 && rid[0] != "client-chosen", "{rid:?}");
+
     let metrics = node.metrics().await;
     assert!(metrics.contains("outpost_cache_requests_total{route=\"api\",status=\"hit\"}"));
     assert!(metrics.contains("outpost_cache_stored_bytes{tier=\"memory\"}"));
