@@ -86,6 +86,18 @@ impl Upstream for Fake {
     }
 }
 
+/// A 200 with `max-age=60` and an entity tag.
+fn tagged(etag: &str, body: &'static str) -> Reply {
+    Ok((
+        200,
+        vec![
+            ("cache-control", "max-age=60".to_owned()),
+            ("etag", etag.to_owned()),
+        ],
+        Bytes::from_static(body.as_bytes()),
+    ))
+}
+
 fn ok(cc: &str, body: &'static str) -> Reply {
     Ok((
         200,
@@ -369,16 +381,7 @@ async fn stale_responses_are_revalidated_and_304_headers_merged() {
 #[tokio::test]
 async fn client_conditionals_get_304_from_storage_and_are_not_forwarded() {
     let h = Harness::new();
-    let fake = Fake::new(|_| {
-        Ok((
-            200,
-            vec![
-                ("cache-control", "max-age=60".to_owned()),
-                ("etag", "W/\"e\"".to_owned()),
-            ],
-            Bytes::from_static(b"full"),
-        ))
-    });
+    let fake = Fake::new(|_| tagged("W/\"e\"", "full"));
     let first = h.get(&fake, "/c", &[("if-none-match", "W/\"e\"")]).await;
     assert_eq!(
         first.status, 200,
@@ -893,16 +896,7 @@ async fn disk_tier_survives_a_restart_and_drops_corrupt_files() {
 #[tokio::test]
 async fn ranges_are_served_from_a_stored_body() {
     let h = Harness::new();
-    let fake = Fake::new(|_| {
-        Ok((
-            200,
-            vec![
-                ("cache-control", "max-age=60".to_owned()),
-                ("etag", "\"strong\"".to_owned()),
-            ],
-            Bytes::from_static(b"0123456789"),
-        ))
-    });
+    let fake = Fake::new(|_| tagged("\"strong\"", "0123456789"));
     let miss = h.get(&fake, "/r", &[("range", "bytes=0-3")]).await;
     assert_eq!(
         miss.status, 200,
