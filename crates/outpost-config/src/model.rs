@@ -44,6 +44,9 @@ pub struct Config {
     /// The node's HTTP cache (shared by every route that enables caching).
     #[serde(default)]
     pub cache: Cache,
+    /// The node's key for signing the identity it forwards to origins.
+    #[serde(default)]
+    pub identity: Identity,
     /// Directory of the config file, for resolving relative paths; not part of the TOML.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -368,6 +371,105 @@ pub struct Route {
     /// Edge caching for this route; absent = responses are never stored.
     #[serde(default)]
     pub cache: Option<RouteCache>,
+    /// JWT validation at the edge; absent = no authentication on this route.
+    #[serde(default)]
+    pub auth: Option<RouteAuth>,
+    /// Send the origin a signed `x-outpost-identity` (subject, selected claims, geo, node,
+    /// request id), verifiable against the node's JWKS.
+    #[serde(default)]
+    pub forward_identity: bool,
+}
+
+/// The node's identity-signing keys (Ed25519).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// PEM (PKCS#8) Ed25519 private key, relative to the config file. Without it the node
+    /// makes a fresh key at every start, and origins refetch the JWKS when they see its `kid`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Keys of earlier rotations, still published in the JWKS so that tokens signed with them
+    /// verify until they expire.
+    #[serde(default)]
+    pub previous_key_files: Vec<PathBuf>,
+    /// Lifetime of each identity token.
+    #[serde(default = "default_identity_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Identity {
+            key_file: None,
+            previous_key_files: Vec::new(),
+            ttl: default_identity_ttl(),
+        }
+    }
+}
+
+/// Whether a route demands a token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No valid token → 401.
+    #[default]
+    Required,
+    /// No token → anonymous; an invalid token is still a 401.
+    Optional,
+}
+
+/// JWT validation for one route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuth {
+    /// `required` or `optional`.
+    #[serde(default)]
+    pub mode: AuthMode,
+    /// Expected `iss`; with `discovery = true` also where the OIDC discovery document is.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Fetch `{issuer}/.well-known/openid-configuration` and use its `jwks_uri`.
+    #[serde(default)]
+    pub discovery: bool,
+    /// A JWKS URL to fetch keys from (instead of discovery).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Local key files: PEM public keys (RSA, EC P-256/P-384, Ed25519) or JWK/JWKS JSON.
+    #[serde(default)]
+    pub key_files: Vec<PathBuf>,
+    /// Shared HS256 secret, for development; prefer `hs256_secret_env`.
+    #[serde(default)]
+    pub hs256_secret: Option<String>,
+    /// Environment variable holding the HS256 secret.
+    #[serde(default)]
+    pub hs256_secret_env: Option<String>,
+    /// Accepted algorithms (RS256, RS384, RS512, PS256, ES256, ES384, EdDSA, HS256); a token
+    /// must use one of them *and* the key type it names.
+    pub algorithms: Vec<String>,
+    /// Accepted `aud` values; empty = `aud` not checked.
+    #[serde(default)]
+    pub audience: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Cookie to read the token from when there is no `Authorization: Bearer`.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Scopes the token must carry (`scope` string or `scp` list) → 403 otherwise.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// Roles the token must carry (`roles` list) → 403 otherwise.
+    #[serde(default)]
+    pub required_roles: Vec<String>,
+    /// Claims that must have exactly these string values → 403 otherwise.
+    #[serde(default)]
+    pub required_claims: BTreeMap<String, String>,
+    /// Claims copied into the forwarded identity.
+    #[serde(default)]
+    pub forward_claims: Vec<String>,
+    /// How often remote key sets are refreshed in the background.
+    #[serde(default = "default_jwks_refresh", with = "humantime_serde")]
+    pub jwks_refresh: Duration,
 }
 
 /// Storage shared by every cached route: a memory tier and an optional disk tier.
@@ -539,6 +641,15 @@ fn default_consecutive_failures() -> u32 {
 }
 fn default_ejection_time() -> Duration {
     Duration::from_secs(30)
+}
+fn default_identity_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_cache_memory() -> ByteSize {
     ByteSize::mib(256)
