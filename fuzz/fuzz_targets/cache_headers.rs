@@ -38,7 +38,13 @@ fuzz_target!(|data: &[u8]| {
     let req = RequestDirectives::from_headers(&headers);
     let status = StatusCode::from_u16(200 + u16::from(data.first().copied().unwrap_or(0)) % 400)
         .unwrap_or(StatusCode::OK);
-    let _ = policy::storable(&Method::GET, &headers, &req, status, &headers, &dirs, &policy);
+    let asked = policy::Asked {
+        method: &Method::GET,
+        headers: &headers,
+        authenticated: false,
+        directives: &req,
+    };
+    let _ = policy::storable(&asked, status, &headers, &dirs, &policy);
     let fresh = Freshness::compute(status, &headers, &dirs, t, t, &policy);
     let later = t + Duration::from_secs(u64::from(data.len() as u32));
     let _ = policy::reuse(&fresh, false, &req, true, later);

@@ -71,6 +71,23 @@ pub struct Handled<E> {
     pub result: Result<Response<Body>, E>,
 }
 
+/// One GET or HEAD as the cache stage sees it.
+#[derive(Debug)]
+pub struct CacheRequest<'a> {
+    /// Host the client asked for (part of the key).
+    pub host: &'a str,
+    /// Path and query the client asked for (before any prefix strip).
+    pub path_and_query: &'a str,
+    /// GET or HEAD.
+    pub method: &'a Method,
+    /// The request header section as it would go to the origin (hop-by-hop and internal
+    /// fields already removed).
+    pub headers: HeaderMap,
+    /// The edge authenticated the caller (e.g. by a cookie): its responses are shared only as
+    /// RFC 9111 allows for requests with `Authorization`.
+    pub authenticated: bool,
+}
+
 /// A purge target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PurgeTarget {
@@ -197,17 +214,20 @@ impl Cache {
         })
     }
 
-    /// Handles a GET or HEAD (without a body) on a cached route. `host` and `path_and_query`
-    /// are what the client asked for; `headers` is the request as it would go to the origin.
+    /// Handles a GET or HEAD (without a body) on a cached route.
     pub async fn handle<U: Upstream>(
         &self,
         policy: &Arc<RoutePolicy>,
-        host: &str,
-        path_and_query: &str,
-        method: &Method,
-        headers: HeaderMap,
+        request: CacheRequest<'_>,
         upstream: Arc<U>,
     ) -> Handled<U::Error> {
+        let CacheRequest {
+            host,
+            path_and_query,
+            method,
+            headers,
+            authenticated,
+        } = request;
         let inner = &self.inner;
         let head = method == Method::HEAD;
         let req_dirs = RequestDirectives::from_headers(&headers);
@@ -233,7 +253,16 @@ impl Cache {
             }
             return inner
                 .clone()
-                .coalesced(key, policy.clone(), headers, upstream, None, fwd, head)
+                .coalesced(
+                    key,
+                    policy.clone(),
+                    headers,
+                    authenticated,
+                    upstream,
+                    None,
+                    fwd,
+                    head,
+                )
                 .await;
         };
 
@@ -258,6 +287,7 @@ impl Cache {
                     key,
                     policy.clone(),
                     headers.clone(),
+                    authenticated,
                     upstream,
                     obj.clone(),
                 );
@@ -275,7 +305,16 @@ impl Cache {
                 };
                 inner
                     .clone()
-                    .coalesced(key, policy.clone(), headers, upstream, Some(obj), fwd, head)
+                    .coalesced(
+                        key,
+                        policy.clone(),
+                        headers,
+                        authenticated,
+                        upstream,
+                        Some(obj),
+                        fwd,
+                        head,
+                    )
                     .await
             }
         }
@@ -516,6 +555,7 @@ impl Inner {
         key: CacheKey,
         policy: Arc<RoutePolicy>,
         headers: HeaderMap,
+        authenticated: bool,
         upstream: Arc<U>,
         stale: Option<Arc<Object>>,
         fwd: Fwd,
@@ -560,8 +600,18 @@ impl Inner {
             // Not storable, or the stored answer does not fit this request: go ourselves.
             break None;
         };
-        self.fetch(key, policy, headers, upstream, stale, fwd, head, guard)
-            .await
+        self.fetch(
+            key,
+            policy,
+            headers,
+            authenticated,
+            upstream,
+            stale,
+            fwd,
+            head,
+            guard,
+        )
+        .await
     }
 
     /// Starts one background refresh of `stale` unless one is already running for the key.
@@ -570,6 +620,7 @@ impl Inner {
         key: CacheKey,
         policy: Arc<RoutePolicy>,
         headers: HeaderMap,
+        authenticated: bool,
         upstream: Arc<U>,
         stale: Arc<Object>,
     ) {
@@ -582,6 +633,7 @@ impl Inner {
                     key,
                     policy,
                     headers,
+                    authenticated,
                     upstream,
                     Some(stale),
                     Fwd::Stale,
@@ -602,6 +654,7 @@ impl Inner {
         key: CacheKey,
         policy: Arc<RoutePolicy>,
         headers: HeaderMap,
+        authenticated: bool,
         upstream: Arc<U>,
         mut stale: Option<Arc<Object>>,
         fwd: Fwd,
@@ -691,6 +744,7 @@ impl Inner {
             key,
             &policy,
             &headers,
+            authenticated,
             request_time,
             response_time,
             st,
@@ -708,6 +762,7 @@ impl Inner {
         key: CacheKey,
         policy: &Arc<RoutePolicy>,
         request: &HeaderMap,
+        authenticated: bool,
         request_time: SystemTime,
         response_time: SystemTime,
         mut st: CacheStatus,
@@ -723,9 +778,12 @@ impl Inner {
         let dirs = ResponseDirectives::from_headers(&parts.headers);
         let req_dirs = RequestDirectives::from_headers(request);
         let mut verdict = policy::storable(
-            &Method::GET,
-            request,
-            &req_dirs,
+            &policy::Asked {
+                method: &Method::GET,
+                headers: request,
+                authenticated,
+                directives: &req_dirs,
+            },
             parts.status,
             &parts.headers,
             &dirs,

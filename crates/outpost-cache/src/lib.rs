@@ -30,7 +30,9 @@ pub mod policy;
 pub mod status;
 pub mod store;
 
-pub use engine::{CACHE_STATUS, Cache, Clock, Handled, PurgeTarget, StorageConfig, Upstream};
+pub use engine::{
+    CACHE_STATUS, Cache, CacheRequest, Clock, Handled, PurgeTarget, StorageConfig, Upstream,
+};
 pub use key::KeyPolicy;
 pub use policy::RoutePolicy;
 pub use status::{CacheOutcome, CacheStatus};

@@ -146,17 +146,34 @@ pub fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
     Some(names)
 }
 
+/// The request side of a storability decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked<'a> {
+    /// Request method.
+    pub method: &'a Method,
+    /// Request header section.
+    pub headers: &'a HeaderMap,
+    /// The edge authenticated the caller (a token in a cookie counts like `Authorization`).
+    pub authenticated: bool,
+    /// The request's `Cache-Control`.
+    pub directives: &'a RequestDirectives,
+}
+
 /// RFC 9111 §3: may this response be stored by a shared cache? Size is checked by the caller
 /// (it may only be known once the body has been read).
 pub fn storable(
-    method: &Method,
-    request: &HeaderMap,
-    req_dirs: &RequestDirectives,
+    asked: &Asked<'_>,
     status: StatusCode,
     response: &HeaderMap,
     dirs: &ResponseDirectives,
     policy: &RoutePolicy,
 ) -> Result<(), NotStored> {
+    let (method, request, authenticated, req_dirs) = (
+        asked.method,
+        asked.headers,
+        asked.authenticated,
+        asked.directives,
+    );
     if method != Method::GET {
         return Err(NotStored::Method);
     }
@@ -182,7 +199,7 @@ pub fn storable(
     if dirs.private == Private::All {
         return Err(NotStored::Private);
     }
-    if request.contains_key(AUTHORIZATION)
+    if (authenticated || request.contains_key(AUTHORIZATION))
         && !(dirs.public || dirs.must_revalidate || dirs.s_maxage.is_some())
     {
         return Err(NotStored::Authorization);
@@ -458,9 +475,12 @@ mod tests {
 
     fn check(status: u16, resp: &HeaderMap, req: &HeaderMap) -> Result<(), NotStored> {
         storable(
-            &Method::GET,
-            req,
-            &RequestDirectives::from_headers(req),
+            &Asked {
+                method: &Method::GET,
+                headers: req,
+                authenticated: false,
+                directives: &RequestDirectives::from_headers(req),
+            },
             StatusCode::from_u16(status).expect("status"),
             resp,
             &ResponseDirectives::from_headers(resp),

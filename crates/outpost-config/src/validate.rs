@@ -141,7 +141,105 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_origins(&mut c, config);
     check_routes(&mut c, config);
     check_cache(&mut c, config);
+    check_auth(&mut c, config);
     c.problems
+}
+
+const ALGORITHMS: [&str; 10] = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA", "HS256",
+];
+
+fn check_auth(c: &mut Checker, config: &Config) {
+    for (i, r) in config.routes.iter().enumerate() {
+        let Some(a) = &r.auth else { continue };
+        let at = |key: &str| path(&[&"routes", &i, &"auth", &key.to_owned()]);
+        if a.algorithms.is_empty() {
+            c.report(
+                at("algorithms"),
+                format!("route `{}` accepts no algorithm", r.name),
+                "empty allowlist",
+                Some("list what your issuer signs with, e.g. [\"RS256\"]".to_owned()),
+            );
+        }
+        for (j, alg) in a.algorithms.iter().enumerate() {
+            if !ALGORITHMS.contains(&alg.as_str()) {
+                let help = if alg.eq_ignore_ascii_case("none") {
+                    "unsigned tokens are never accepted".to_owned()
+                } else {
+                    match did_you_mean(alg, &ALGORITHMS) {
+                        Some(best) => format!("did you mean `{best}`?"),
+                        None => format!("supported: {}", ALGORITHMS.join(", ")),
+                    }
+                };
+                c.report(
+                    path(&[&"routes", &i, &"auth", &"algorithms", &j]),
+                    format!("`{alg}` is not a supported JWT algorithm"),
+                    "unknown algorithm",
+                    Some(help),
+                );
+            }
+        }
+        let has_secret = a.hs256_secret.is_some() || a.hs256_secret_env.is_some();
+        let remote = a.discovery || a.jwks_url.is_some();
+        if !remote && a.key_files.is_empty() && !has_secret {
+            c.report(
+                path(&[&"routes", &i, &"auth"]),
+                format!("route `{}` has no keys to verify tokens with", r.name),
+                "no key source",
+                Some(
+                    "set discovery = true with an issuer, a jwks_url, key_files, or (for development) hs256_secret_env"
+                        .to_owned(),
+                ),
+            );
+        }
+        if remote && (!a.key_files.is_empty() || has_secret) {
+            c.report(
+                at("key_files"),
+                "remote keys (discovery/jwks_url) cannot be mixed with local keys".to_owned(),
+                "two key sources",
+                Some("use one source per route".to_owned()),
+            );
+        }
+        if a.discovery && a.issuer.is_none() {
+            c.report(
+                at("discovery"),
+                "OIDC discovery needs the issuer URL".to_owned(),
+                "no issuer",
+                Some("set issuer = \"https://your-idp.example.com\"".to_owned()),
+            );
+        }
+        if let Some(url) = &a.jwks_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            c.report(
+                at("jwks_url"),
+                format!("`{url}` is not an http(s) URL"),
+                "not a URL",
+                None,
+            );
+        }
+        let hs = a.algorithms.iter().any(|x| x == "HS256");
+        if hs && !has_secret {
+            c.report(
+                at("algorithms"),
+                "HS256 is accepted but no shared secret is configured".to_owned(),
+                "HS256 without a secret",
+                Some("set hs256_secret_env (or remove HS256)".to_owned()),
+            );
+        }
+        if has_secret && !hs {
+            c.report(
+                at(if a.hs256_secret.is_some() {
+                    "hs256_secret"
+                } else {
+                    "hs256_secret_env"
+                }),
+                "a shared secret is set but HS256 is not in algorithms".to_owned(),
+                "unused secret",
+                Some("add \"HS256\" to algorithms, or remove the secret".to_owned()),
+            );
+        }
+    }
 }
 
 fn check_cache(c: &mut Checker, config: &Config) {

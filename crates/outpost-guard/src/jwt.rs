@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use http::HeaderMap;
-use jsonwebtoken::{Algorithm, Validation};
+pub use jsonwebtoken::Algorithm;
+use jsonwebtoken::Validation;
 use serde_json::{Map, Value};
 
 use crate::keys::{self, Key, RemoteKeys};

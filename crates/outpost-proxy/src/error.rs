@@ -66,6 +66,9 @@ pub enum ProxyError {
         /// What went wrong.
         reason: String,
     },
+    /// The route's token rules refused the request (401 or 403).
+    #[error(transparent)]
+    Auth(#[from] outpost_guard::AuthError),
 }
 
 impl ProxyError {
@@ -75,7 +78,8 @@ impl ProxyError {
             ProxyError::NoRoute
             | ProxyError::BadRequest(_)
             | ProxyError::MethodNotAllowed(_)
-            | ProxyError::PayloadTooLarge { .. } => ErrorSource::Downstream,
+            | ProxyError::PayloadTooLarge { .. }
+            | ProxyError::Auth(_) => ErrorSource::Downstream,
             ProxyError::NoHealthyEndpoint(_)
             | ProxyError::OriginTimeout { .. }
             | ProxyError::OriginConnect { .. }
@@ -97,6 +101,7 @@ impl ProxyError {
             ProxyError::OriginConnect { .. } | ProxyError::OriginBroken { .. } => {
                 StatusCode::BAD_GATEWAY
             }
+            ProxyError::Auth(e) => e.status(),
         }
     }
 
@@ -112,12 +117,20 @@ impl ProxyError {
             ProxyError::OriginTimeout { .. } => "origin-timeout",
             ProxyError::OriginConnect { .. } => "origin-unreachable",
             ProxyError::OriginBroken { .. } => "origin-error",
+            ProxyError::Auth(outpost_guard::AuthError::Forbidden(_)) => "insufficient-scope",
+            ProxyError::Auth(_) => "unauthorized",
         }
     }
 
-    /// The problem+json response for this error.
+    /// The problem+json response for this error (with an RFC 6750 challenge for auth).
     pub fn to_response(&self, request_id: &str) -> Response<ProxyBody> {
-        problem(self.status(), self.code(), &self.to_string(), request_id)
+        let mut resp = problem(self.status(), self.code(), &self.to_string(), request_id);
+        if let ProxyError::Auth(e) = self
+            && let Ok(v) = HeaderValue::from_str(&e.challenge())
+        {
+            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+        }
+        resp
     }
 }
 

@@ -18,8 +18,9 @@ use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use outpost_cache::status::Fwd;
-use outpost_cache::{CACHE_STATUS, CacheOutcome, CacheStatus, Upstream};
+use outpost_cache::{CACHE_STATUS, CacheOutcome, CacheRequest, CacheStatus, Upstream};
 use outpost_config::GeoPoint;
+use outpost_guard::{IDENTITY_HEADER, JWKS_PATH, Principal};
 use outpost_telemetry::access::{self, AccessRecord};
 use outpost_telemetry::metrics::RouteMetrics;
 
@@ -234,6 +235,9 @@ async fn proxy(
     if filters::is_loop(req.headers(), &snap.config.node.id) {
         return (None, Err(ProxyError::Loop));
     }
+    if path == JWKS_PATH && (req.method() == Method::GET || req.method() == Method::HEAD) {
+        return (None, Ok(jwks(snap)));
+    }
     let host = request_host(req.uri(), req.headers()).unwrap_or("");
     let Some(index) = snap.table.find(host, path) else {
         return (None, Err(ProxyError::NoRoute));
@@ -241,10 +245,74 @@ async fn proxy(
     let Some(route) = snap.routes.get(index) else {
         return (None, Err(ProxyError::NoRoute));
     };
+    let principal = match &route.auth {
+        Some(auth) => match auth.authenticate(req.headers()).await {
+            Ok(p) => p,
+            Err(e) => return (Some(index), Err(e.into())),
+        },
+        None => None,
+    };
     (
         Some(index),
-        forward(node, snap, index, route, conn, ctx, via, req).await,
+        forward(node, snap, index, route, conn, ctx, via, principal, req).await,
     )
+}
+
+/// The node's public identity keys, for origins verifying `x-outpost-identity`.
+fn jwks(snap: &Snapshot) -> Forwarded {
+    let mut response = Response::new(crate::body::full(snap.identity.jwks().to_owned()));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/jwk-set+json"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    Forwarded {
+        response,
+        origin_ms: None,
+        region: None,
+        cache: None,
+    }
+}
+
+/// The claims of the identity forwarded for one request.
+fn identity_claims(
+    snap: &Snapshot,
+    route: &RouteRuntime,
+    ctx: &RequestContext,
+    principal: Option<&Principal>,
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::{Value, json};
+    let mut c = serde_json::Map::new();
+    c.insert("node".into(), snap.config.node.id.clone().into());
+    c.insert("rid".into(), ctx.request_id.clone().into());
+    if let Some(p) = principal {
+        if let Some(sub) = &p.sub {
+            c.insert("sub".into(), sub.clone().into());
+        }
+        let forwarded: serde_json::Map<String, Value> = route
+            .auth
+            .iter()
+            .flat_map(|a| a.forward_claims.iter())
+            .filter_map(|name| p.claims.get(name).map(|v| (name.clone(), v.clone())))
+            .collect();
+        if !forwarded.is_empty() {
+            c.insert("claims".into(), Value::Object(forwarded));
+        }
+    }
+    c.insert(
+        "geo".into(),
+        json!({
+            "country": ctx.location.country,
+            "lat": ctx.location.point.lat,
+            "lon": ctx.location.point.lon,
+            "source": ctx.location.source.as_str(),
+        }),
+    );
+    c
 }
 
 #[expect(clippy::too_many_arguments, reason = "the request's whole context")]
@@ -256,6 +324,7 @@ async fn forward(
     conn: &ConnInfo,
     ctx: &Arc<RequestContext>,
     via: &HeaderValue,
+    principal: Option<Principal>,
     req: Request<Incoming>,
 ) -> Result<Forwarded, ProxyError> {
     let declared = req
@@ -283,12 +352,18 @@ async fn forward(
     };
     let mut headers = parts.headers;
     filters::strip_request(&mut headers, ctx, &snap.locator);
+    let authenticated = principal.is_some();
     let hop = Hop {
         host,
         scheme: conn.scheme,
         peer: conn.peer.ip(),
         stripped_prefix: route.strip_prefix.then(|| route.prefix.clone()),
         via: via.clone(),
+        identity: route.forward_identity.then(|| Identity {
+            signer: snap.identity.clone(),
+            audience: route.group.name.clone(),
+            claims: identity_claims(snap, route, ctx, principal.as_ref()),
+        }),
     };
 
     let Some(rc) = &route.cache else {
@@ -323,10 +398,13 @@ async fn forward(
             .cache()
             .handle(
                 &rc.policy,
-                &host,
-                &client_pq,
-                &parts.method,
-                headers,
+                CacheRequest {
+                    host: &host,
+                    path_and_query: &client_pq,
+                    method: &parts.method,
+                    headers,
+                    authenticated,
+                },
                 upstream,
             )
             .await;
@@ -428,10 +506,25 @@ struct Hop {
     peer: IpAddr,
     stripped_prefix: Option<String>,
     via: HeaderValue,
+    /// Set on routes that forward a signed identity.
+    identity: Option<Identity>,
+}
+
+/// What goes into `x-outpost-identity`; signed when the request leaves for the origin.
+struct Identity {
+    signer: Arc<outpost_guard::IdentitySigner>,
+    audience: String,
+    claims: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Hop {
     fn add_forwarding(&self, headers: &mut HeaderMap, ctx: &RequestContext) {
+        if let Some(id) = &self.identity {
+            let token = id.signer.sign(&id.audience, id.claims.clone());
+            if let Ok(v) = HeaderValue::try_from(token) {
+                headers.insert(IDENTITY_HEADER, v);
+            }
+        }
         let peer_ip = self.peer.to_string();
         filters::add_forwarding(
             headers,

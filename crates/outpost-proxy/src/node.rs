@@ -4,13 +4,16 @@
 //! changes the rules under an in-flight request; the old snapshot (and its health-check tasks)
 //! goes away when its last request finishes.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue};
 use outpost_cache::{Cache, CacheOutcome, KeyPolicy, RoutePolicy, StorageConfig};
 use outpost_config::Config;
+use outpost_guard::jwt::{KeySource, Rules};
+use outpost_guard::keys::{self, Remote, RemoteKeys};
+use outpost_guard::{Authenticator, IdentitySigner};
 use outpost_telemetry::Metrics;
 use outpost_telemetry::metrics::{CacheRouteMetrics, RouteMetrics};
 
@@ -37,6 +40,10 @@ pub struct RouteRuntime {
     pub metrics: RouteMetrics,
     /// Caching policy, when the route caches.
     pub cache: Option<RouteCache>,
+    /// Token rules, when the route authenticates.
+    pub auth: Option<Arc<Authenticator>>,
+    /// Whether the origin gets a signed `x-outpost-identity`.
+    pub forward_identity: bool,
 }
 
 /// A cached route's policy and its cache-status counters.
@@ -111,6 +118,115 @@ pub struct Snapshot {
     pub locator: Locator,
     /// Metrics for requests that matched no route (label `route="_unmatched"`).
     pub unmatched: RouteMetrics,
+    /// Signs forwarded identities; its JWKS is served on every listener.
+    pub identity: Arc<IdentitySigner>,
+}
+
+/// What a snapshot needs that takes I/O to prepare (remote key sets, key files), done before
+/// the synchronous build so that a node never serves a route whose keys it could not load.
+#[derive(Debug)]
+pub struct Guards {
+    auth: std::collections::HashMap<String, Arc<Authenticator>>,
+    identity: Arc<IdentitySigner>,
+}
+
+impl Guards {
+    /// Loads every route's keys and the identity key. `previous` lends its identity signer when
+    /// the identity settings did not change (a generated key survives reloads).
+    pub async fn prepare(
+        config: &Config,
+        previous: Option<&Snapshot>,
+    ) -> Result<Guards, BuildError> {
+        let identity = match previous {
+            Some(p)
+                if p.config.identity.key_file == config.identity.key_file
+                    && p.config.identity.previous_key_files
+                        == config.identity.previous_key_files
+                    && p.config.identity.ttl == config.identity.ttl =>
+            {
+                p.identity.clone()
+            }
+            _ => Arc::new(match &config.identity.key_file {
+                Some(file) => {
+                    let previous: Vec<_> = config
+                        .identity
+                        .previous_key_files
+                        .iter()
+                        .map(|f| config.base_dir.join(f))
+                        .collect();
+                    IdentitySigner::from_files(
+                        &config.base_dir.join(file),
+                        &previous,
+                        config.identity.ttl,
+                    )?
+                }
+                None => IdentitySigner::generate(config.identity.ttl)?,
+            }),
+        };
+        let mut auth = std::collections::HashMap::new();
+        for r in &config.routes {
+            let Some(a) = &r.auth else { continue };
+            let fail = |reason: String| BuildError::Auth {
+                route: r.name.clone(),
+                reason,
+            };
+            let algorithms = a
+                .algorithms
+                .iter()
+                .map(|name| {
+                    name.parse()
+                        .map_err(|_| fail(format!("unknown algorithm {name}")))
+                })
+                .collect::<Result<Vec<outpost_guard::jwt::Algorithm>, _>>()?;
+            let source = if a.discovery || a.jwks_url.is_some() {
+                let remote = match (&a.jwks_url, &a.issuer) {
+                    (Some(url), _) => Remote::Jwks(url.clone()),
+                    (None, Some(issuer)) => Remote::Discovery(issuer.clone()),
+                    (None, None) => return Err(fail("discovery needs an issuer".to_owned())),
+                };
+                KeySource::Remote(
+                    RemoteKeys::start(remote, a.jwks_refresh)
+                        .await
+                        .map_err(|e| fail(e.to_string()))?,
+                )
+            } else {
+                let mut list = Vec::new();
+                for f in &a.key_files {
+                    list.extend(
+                        keys::from_file(&config.base_dir.join(f))
+                            .map_err(|e| fail(e.to_string()))?,
+                    );
+                }
+                let secret = match (&a.hs256_secret, &a.hs256_secret_env) {
+                    (_, Some(var)) => Some(std::env::var(var).map_err(|_| {
+                        fail(format!(
+                            "environment variable {var} (hs256_secret_env) is not set"
+                        ))
+                    })?),
+                    (Some(s), None) => Some(s.clone()),
+                    (None, None) => None,
+                };
+                if let Some(secret) = secret {
+                    list.push(keys::from_secret(secret.as_bytes()));
+                }
+                KeySource::Static(Arc::new(list))
+            };
+            let rules = Rules {
+                optional: a.mode == outpost_config::AuthMode::Optional,
+                algorithms,
+                issuer: a.issuer.clone(),
+                audience: a.audience.clone(),
+                leeway: a.leeway,
+                cookie: a.cookie.clone(),
+                required_scopes: a.required_scopes.clone(),
+                required_roles: a.required_roles.clone(),
+                required_claims: a.required_claims.clone(),
+                forward_claims: a.forward_claims.clone(),
+            };
+            auth.insert(r.name.clone(), Arc::new(Authenticator::new(rules, source)));
+        }
+        Ok(Guards { auth, identity })
+    }
 }
 
 /// Why a config could not be turned into a snapshot.
@@ -133,6 +249,17 @@ pub enum BuildError {
     /// The cache's disk tier cannot be opened.
     #[error(transparent)]
     Cache(#[from] outpost_cache::disk::DiskError),
+    /// A route's keys cannot be loaded.
+    #[error("route `{route}`: {reason}")]
+    Auth {
+        /// The route.
+        route: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The identity key cannot be loaded or made.
+    #[error(transparent)]
+    Identity(#[from] outpost_guard::identity::IdentityError),
 }
 
 impl Snapshot {
@@ -140,6 +267,7 @@ impl Snapshot {
         config: Config,
         previous: Option<&Snapshot>,
         metrics: &Metrics,
+        mut guards: Guards,
     ) -> Result<Snapshot, BuildError> {
         let origins = Origins::build(&config, previous.map(|p| &p.origins), metrics)?;
         let mut routes = Vec::with_capacity(config.routes.len());
@@ -163,6 +291,8 @@ impl Snapshot {
                     .as_u64(),
                 metrics: metrics.route(&r.name),
                 cache: route_cache(r, metrics),
+                auth: guards.auth.remove(&r.name),
+                forward_identity: r.forward_identity,
             });
         }
         let table = RouteTable::new(
@@ -183,6 +313,7 @@ impl Snapshot {
             routes,
             origins,
             unmatched: metrics.route("_unmatched"),
+            identity: guards.identity,
             config: Arc::new(config),
         })
     }
@@ -195,8 +326,6 @@ pub struct Node {
     /// One cache for every route; its storage is sized at start-up and kept across reloads.
     cache: Cache,
     storage: StorageConfig,
-    /// Serialises reloads so two SIGHUPs cannot interleave their builds.
-    reload_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Node {
@@ -206,32 +335,34 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Builds the first snapshot; must run inside a Tokio runtime (health checks start).
-    pub fn new(config: Config, metrics: Metrics) -> Result<Arc<Node>, BuildError> {
+    /// Builds the first snapshot (fetching remote key sets); must run inside a Tokio runtime
+    /// (health checks start).
+    pub async fn new(config: Config, metrics: Metrics) -> Result<Arc<Node>, BuildError> {
         let storage = storage_config(&config);
         let cache = Cache::new(&storage, &metrics)?;
-        let snap = Snapshot::build(config, None, &metrics)?;
+        let guards = Guards::prepare(&config, None).await?;
+        let snap = Snapshot::build(config, None, &metrics, guards)?;
         Ok(Arc::new(Node {
             current: ArcSwap::from_pointee(snap),
             metrics,
             cache,
             storage,
-            reload_lock: Mutex::new(()),
         }))
     }
 
     /// Swaps in a new config; on error the current one keeps serving. The caller counts the
-    /// attempt (it also sees failures that happen before a config reaches the node).
-    pub fn reload(&self, config: Config) -> Result<(), BuildError> {
-        let _serial = self.reload_lock.lock();
+    /// attempt (it also sees failures that happen before a config reaches the node) and
+    /// serialises reloads.
+    pub async fn reload(&self, config: Config) -> Result<(), BuildError> {
         let previous = self.current.load_full();
+        let guards = Guards::prepare(&config, Some(&previous)).await?;
         let storage = storage_config(&config);
         if storage.memory_bytes != self.storage.memory_bytes || storage.disk != self.storage.disk {
             tracing::warn!(
                 "The [cache] storage settings changed; they apply at the next restart (routes' cache policies apply now)."
             );
         }
-        let snap = Snapshot::build(config, Some(&previous), &self.metrics)?;
+        let snap = Snapshot::build(config, Some(&previous), &self.metrics, guards)?;
         self.current.store(Arc::new(snap));
         Ok(())
     }

@@ -58,7 +58,7 @@ impl Lifecycle {
             );
         }
         let plan = self.server.plan(&config).await.map_err(|e| e.to_string())?;
-        self.node.reload(config).map_err(|e| e.to_string())?;
+        self.node.reload(config).await.map_err(|e| e.to_string())?;
         self.server.commit(plan);
         Ok(())
     }
@@ -121,7 +121,9 @@ async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let admin_addr = config.admin.addr.clone();
     let node_id = config.node.id.clone();
     let metrics = Metrics::new(VERSION);
-    let node = Node::new(config, metrics).context("cannot build the node from its config")?;
+    let node = Node::new(config, metrics)
+        .await
+        .context("cannot build the node from its config")?;
     let server = Server::start(node.clone()).await?;
     let admin_listener = tokio::net::TcpListener::bind(&admin_addr)
         .await

@@ -163,7 +163,17 @@ impl Harness {
         }
         let handled = self
             .cache
-            .handle(&self.policy, "shop.test", path, &method, h, fake.clone())
+            .handle(
+                &self.policy,
+                CacheRequest {
+                    host: "shop.test",
+                    path_and_query: path,
+                    method: &method,
+                    headers: h,
+                    authenticated: false,
+                },
+                fake.clone(),
+            )
             .await;
         let outcome = handled.outcome;
         match handled.result {
@@ -830,10 +840,13 @@ async fn disk_tier_survives_a_restart_and_drops_corrupt_files() {
             let handled = cache
                 .handle(
                     &policy,
-                    "h",
-                    p,
-                    &Method::GET,
-                    HeaderMap::new(),
+                    CacheRequest {
+                        host: "h",
+                        path_and_query: p,
+                        method: &Method::GET,
+                        headers: HeaderMap::new(),
+                        authenticated: false,
+                    },
                     fake.clone(),
                 )
                 .await;
@@ -868,10 +881,13 @@ async fn disk_tier_survives_a_restart_and_drops_corrupt_files() {
         let handled = cache
             .handle(
                 &policy,
-                "h",
-                p,
-                &Method::GET,
-                HeaderMap::new(),
+                CacheRequest {
+                    host: "h",
+                    path_and_query: p,
+                    method: &Method::GET,
+                    headers: HeaderMap::new(),
+                    authenticated: false,
+                },
                 fake.clone(),
             )
             .await;
@@ -935,10 +951,13 @@ async fn a_leader_whose_client_leaves_hands_the_fetch_to_a_waiter() {
                 .cache
                 .handle(
                     &h.policy,
-                    "shop.test",
-                    "/gone",
-                    &Method::GET,
-                    HeaderMap::new(),
+                    CacheRequest {
+                        host: "shop.test",
+                        path_and_query: "/gone",
+                        method: &Method::GET,
+                        headers: HeaderMap::new(),
+                        authenticated: false,
+                    },
                     fake,
                 )
                 .await;
@@ -1006,10 +1025,13 @@ async fn both_tiers_stay_within_their_byte_bounds() {
         let handled = cache
             .handle(
                 &policy,
-                "h",
-                &format!("/o/{i}"),
-                &Method::GET,
-                HeaderMap::new(),
+                CacheRequest {
+                    host: "h",
+                    path_and_query: &format!("/o/{i}"),
+                    method: &Method::GET,
+                    headers: HeaderMap::new(),
+                    authenticated: false,
+                },
                 fake.clone(),
             )
             .await;
@@ -1049,4 +1071,32 @@ async fn both_tiers_stay_within_their_byte_bounds() {
     assert!(on_disk <= 3 << 20, "files on disk: {on_disk} bytes");
     assert!(sample("outpost_cache_evictions_total{tier=\"memory\"}") > 0.0);
     assert!(sample("outpost_cache_evictions_total{tier=\"disk\"}") > 0.0);
+}
+
+#[tokio::test]
+async fn requests_the_edge_authenticated_share_only_what_the_origin_allows() {
+    let h = Harness::new();
+    let fake = Fake::new(|_| ok("max-age=60", "personal"));
+    for _ in 0..2 {
+        let handled = h
+            .cache
+            .handle(
+                &h.policy,
+                CacheRequest {
+                    host: "shop.test",
+                    path_and_query: "/me",
+                    method: &Method::GET,
+                    headers: HeaderMap::new(),
+                    authenticated: true,
+                },
+                fake.clone(),
+            )
+            .await;
+        assert_eq!(handled.status.detail, Some("authorization"));
+    }
+    assert_eq!(
+        fake.calls(),
+        2,
+        "a cookie-authenticated answer is not shared"
+    );
 }

@@ -1,0 +1,167 @@
+//! Edge guards end to end: JWT validation at the node and the signed identity the FastAPI
+//! origin receives.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+use super::support::*;
+
+fn test_key(name: &str) -> std::path::PathBuf {
+    repo_root()
+        .join("crates/outpost-guard/tests/keys")
+        .join(name)
+}
+
+fn token(claims: Value) -> String {
+    let key =
+        EncodingKey::from_ed_pem(&std::fs::read(test_key("ed.key")).expect("key")).expect("ed key");
+    jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).expect("sign")
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn seen<'a>(echo: &'a Value, name: &str) -> Vec<&'a str> {
+    echo["headers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| h[0] == name)
+        .filter_map(|h| h[1].as_str())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_at_the_edge_and_signed_identity_to_the_origin() {
+    let origin = Origin::echo("us-west").await;
+    let auth = format!(
+        "forward_identity = true\n[routes.auth]\nalgorithms = [\"EdDSA\", \"RS256\"]\nkey_files = [\"{}\", \"{}\"]\nissuer = \"https://idp.test\"\naudience = [\"shop\"]\nforward_claims = [\"email\"]\n",
+        test_key("ed.pub").display(),
+        test_key("rsa.pub").display()
+    );
+    let admin_only = format!(
+        "[routes.auth]\nalgorithms = [\"EdDSA\"]\nkey_files = [\"{}\"]\nrequired_scopes = [\"admin\"]\n",
+        test_key("ed.pub").display()
+    );
+    let node = Node::start(
+        &NodeConfig::new()
+            .origin("central", &[(&origin, PORTLAND)], "")
+            .route("shop", "/echo", "central", &auth)
+            .route("admin", "/echo/admin", "central", &admin_only),
+    )
+    .await;
+    let c = client();
+
+    let missing = c.get(node.url("/echo")).send().await.expect("missing");
+    assert_eq!(missing.status(), 401);
+    assert_eq!(missing.headers()["www-authenticate"], "Bearer");
+
+    let garbage = c
+        .get(node.url("/echo"))
+        .bearer_auth("not.a.jwt")
+        .send()
+        .await
+        .expect("garbage");
+    assert_eq!(garbage.status(), 401);
+    assert!(
+        garbage.headers()["www-authenticate"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("Bearer error=\"invalid_token\"")
+    );
+    let expired =
+        token(json!({"sub": "u1", "iss": "https://idp.test", "aud": "shop", "exp": now() - 3600}));
+    let r = c
+        .get(node.url("/echo"))
+        .bearer_auth(&expired)
+        .send()
+        .await
+        .expect("expired");
+    assert_eq!(r.status(), 401);
+
+    let good = token(json!({
+        "sub": "user-42", "iss": "https://idp.test", "aud": "shop", "exp": now() + 300,
+        "email": "ada@example.com", "scope": "read"
+    }));
+    let r = c
+        .get(node.url("/echo"))
+        .bearer_auth(&good)
+        .header("x-outpost-identity", "forged")
+        .send()
+        .await
+        .expect("good");
+    assert_eq!(r.status(), 200);
+    let request_id = r.headers()["x-request-id"]
+        .to_str()
+        .unwrap_or("")
+        .to_owned();
+    let echo: Value = r.json().await.expect("json");
+    let identity = seen(&echo, "x-outpost-identity");
+    assert_eq!(identity.len(), 1, "exactly one identity, the node's");
+    assert_ne!(identity[0], "forged");
+
+    // The origin can verify it with the node's JWKS.
+    let jwks = c
+        .get(node.url("/.well-known/outpost/jwks.json"))
+        .send()
+        .await
+        .expect("jwks")
+        .text()
+        .await
+        .expect("jwks body");
+    let keys = outpost_guard::keys::from_jwks(jwks.as_bytes()).expect("parse jwks");
+    let verifier = outpost_guard::Authenticator::new(
+        outpost_guard::jwt::Rules {
+            optional: false,
+            algorithms: vec![Algorithm::EdDSA],
+            issuer: Some("outpost".into()),
+            audience: vec!["central".into()],
+            leeway: std::time::Duration::from_secs(5),
+            cookie: None,
+            required_scopes: vec![],
+            required_roles: vec![],
+            required_claims: Default::default(),
+            forward_claims: vec![],
+        },
+        outpost_guard::jwt::KeySource::Static(std::sync::Arc::new(keys)),
+    );
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_str(&format!("Bearer {}", identity[0])).expect("header"),
+    );
+    let p = verifier
+        .authenticate(&h)
+        .await
+        .expect("the identity verifies")
+        .expect("present");
+    assert_eq!(p.sub.as_deref(), Some("user-42"));
+    assert_eq!(p.claims["claims"]["email"], "ada@example.com");
+    assert!(
+        p.claims["claims"].get("scope").is_none(),
+        "only the listed claims"
+    );
+    assert_eq!(p.claims["node"], "test-node");
+    assert_eq!(p.claims["rid"], request_id.as_str());
+    assert_eq!(p.claims["geo"]["source"], "node");
+
+    // Insufficient scope on the admin route: 403 with the RFC 6750 error.
+    let r = c
+        .get(node.url("/echo/admin"))
+        .bearer_auth(&good)
+        .send()
+        .await
+        .expect("admin");
+    assert_eq!(r.status(), 403);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap_or("")
+            .contains("insufficient_scope")
+    );
+}
