@@ -378,6 +378,47 @@ pub struct Route {
     /// request id), verifiable against the node's JWKS.
     #[serde(default)]
     pub forward_identity: bool,
+    /// GCRA rate limits; a request must pass all of them.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimit>,
+    /// Country rules (451 when refused).
+    #[serde(default)]
+    pub geo: Option<RouteGeo>,
+    /// Origin regions this route's requests may go to; with none of them available the
+    /// request fails (503) rather than leave them. Empty = any region.
+    #[serde(default)]
+    pub residency: Vec<String>,
+}
+
+/// One rate limit of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Name shown in `RateLimit-Policy` and logs.
+    pub name: String,
+    /// What is counted: `ip`, `sub` (JWT subject), `header:<name>` or `route`.
+    #[serde(default = "default_limit_key")]
+    pub key: String,
+    /// Requests allowed per `per`.
+    pub rate: u32,
+    /// The period `rate` applies to.
+    #[serde(with = "humantime_serde")]
+    pub per: Duration,
+    /// Largest burst (default: `rate`).
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// Country rules of a route (ISO 3166-1 alpha-2 codes).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteGeo {
+    /// Only these countries are admitted (clients of unknown country are refused).
+    #[serde(default)]
+    pub allow_countries: Vec<String>,
+    /// These countries are refused.
+    #[serde(default)]
+    pub deny_countries: Vec<String>,
 }
 
 /// The node's identity-signing keys (Ed25519).
@@ -641,6 +682,9 @@ fn default_consecutive_failures() -> u32 {
 }
 fn default_ejection_time() -> Duration {
     Duration::from_secs(30)
+}
+fn default_limit_key() -> String {
+    "ip".to_owned()
 }
 fn default_identity_ttl() -> Duration {
     Duration::from_secs(60)

@@ -142,12 +142,97 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_routes(&mut c, config);
     check_cache(&mut c, config);
     check_auth(&mut c, config);
+    check_guards(&mut c, config);
     c.problems
 }
 
 const ALGORITHMS: [&str; 10] = [
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA", "HS256",
 ];
+
+fn check_guards(c: &mut Checker, config: &Config) {
+    let regions: Vec<&str> = config
+        .origins
+        .values()
+        .flat_map(|g| g.endpoints.iter().map(|e| e.region.as_str()))
+        .collect();
+    for (i, r) in config.routes.iter().enumerate() {
+        for (j, l) in r.rate_limits.iter().enumerate() {
+            let at = |k: &str| path(&[&"routes", &i, &"rate_limits", &j, &k.to_owned()]);
+            let key_ok = matches!(l.key.as_str(), "ip" | "sub" | "route")
+                || l.key
+                    .strip_prefix("header:")
+                    .is_some_and(|h| http::HeaderName::from_bytes(h.trim().as_bytes()).is_ok());
+            if !key_ok {
+                c.report(
+                    at("key"),
+                    format!("`{}` is not a rate-limit key", l.key),
+                    "unknown key",
+                    Some("use \"ip\", \"sub\", \"route\" or \"header:<name>\"".to_owned()),
+                );
+            }
+            if l.rate == 0
+                || l.per.is_zero()
+                || l.burst == Some(0)
+                || l.per / l.rate.max(1) < std::time::Duration::from_nanos(1)
+            {
+                c.report(
+                    at("rate"),
+                    format!(
+                        "rate limit `{}` must allow at least one request per period",
+                        l.name
+                    ),
+                    "no allowance",
+                    Some("e.g. rate = 100, per = \"1m\"".to_owned()),
+                );
+            }
+            if l.key == "sub" && r.auth.is_none() {
+                c.report(
+                    at("key"),
+                    format!(
+                        "rate limit `{}` counts by `sub` but the route does not authenticate",
+                        l.name
+                    ),
+                    "no subject",
+                    Some("add a [routes.auth] section, or count by \"ip\"".to_owned()),
+                );
+            }
+        }
+        if let Some(g) = &r.geo {
+            for (list, key) in [
+                (&g.allow_countries, "allow_countries"),
+                (&g.deny_countries, "deny_countries"),
+            ] {
+                for (j, code) in list.iter().enumerate() {
+                    check_country(c, path(&[&"routes", &i, &"geo", &key, &j]), code);
+                }
+            }
+        }
+        for (j, region) in r.residency.iter().enumerate() {
+            let serving: Vec<&str> = config
+                .origins
+                .get(&r.origin)
+                .map(|g| g.endpoints.iter().map(|e| e.region.as_str()).collect())
+                .unwrap_or_default();
+            if !serving.contains(&region.as_str()) {
+                let help = match did_you_mean(region, &regions) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None => format!(
+                        "origin `{}` has endpoints in: {}",
+                        r.origin,
+                        serving.join(", ")
+                    ),
+                };
+                c.report(
+                    path(&[&"routes", &i, &"residency", &j]),
+                    format!("origin `{}` has no endpoint in region `{region}`", r.origin),
+                    "no such region",
+                    Some(help),
+                );
+            }
+        }
+    }
+}
 
 fn check_auth(c: &mut Checker, config: &Config) {
     for (i, r) in config.routes.iter().enumerate() {

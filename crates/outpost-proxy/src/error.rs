@@ -69,6 +69,20 @@ pub enum ProxyError {
     /// The route's token rules refused the request (401 or 403).
     #[error(transparent)]
     Auth(#[from] outpost_guard::AuthError),
+    /// A rate limit refused the request.
+    #[error("rate limit `{}` exceeded; retry in {} s", .0.limit, .0.retry_after)]
+    RateLimited(outpost_guard::ratelimit::Limited),
+    /// The route is not available in the client's country.
+    #[error("this resource is not available in {0}")]
+    Geo(String),
+    /// The route's residency regions have no available endpoint (and it may not fail over).
+    #[error("no healthy endpoint of origin group `{group}` in the route's regions ({regions})")]
+    NoResidentEndpoint {
+        /// The origin group.
+        group: String,
+        /// The allowed regions.
+        regions: String,
+    },
 }
 
 impl ProxyError {
@@ -79,8 +93,11 @@ impl ProxyError {
             | ProxyError::BadRequest(_)
             | ProxyError::MethodNotAllowed(_)
             | ProxyError::PayloadTooLarge { .. }
-            | ProxyError::Auth(_) => ErrorSource::Downstream,
+            | ProxyError::Auth(_)
+            | ProxyError::RateLimited(_)
+            | ProxyError::Geo(_) => ErrorSource::Downstream,
             ProxyError::NoHealthyEndpoint(_)
+            | ProxyError::NoResidentEndpoint { .. }
             | ProxyError::OriginTimeout { .. }
             | ProxyError::OriginConnect { .. }
             | ProxyError::OriginBroken { .. } => ErrorSource::Upstream,
@@ -102,6 +119,9 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::Auth(e) => e.status(),
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Geo(_) => StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS,
+            ProxyError::NoResidentEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -119,16 +139,27 @@ impl ProxyError {
             ProxyError::OriginBroken { .. } => "origin-error",
             ProxyError::Auth(outpost_guard::AuthError::Forbidden(_)) => "insufficient-scope",
             ProxyError::Auth(_) => "unauthorized",
+            ProxyError::RateLimited(_) => "rate-limited",
+            ProxyError::Geo(_) => "unavailable-for-legal-reasons",
+            ProxyError::NoResidentEndpoint { .. } => "no-resident-endpoint",
         }
     }
 
     /// The problem+json response for this error (with an RFC 6750 challenge for auth).
     pub fn to_response(&self, request_id: &str) -> Response<ProxyBody> {
         let mut resp = problem(self.status(), self.code(), &self.to_string(), request_id);
-        if let ProxyError::Auth(e) = self
-            && let Ok(v) = HeaderValue::from_str(&e.challenge())
-        {
-            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+        match self {
+            ProxyError::Auth(e) => {
+                if let Ok(v) = HeaderValue::from_str(&e.challenge()) {
+                    resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+                }
+            }
+            ProxyError::RateLimited(limited) => {
+                for (name, value) in &limited.headers {
+                    resp.headers_mut().append(name, value.clone());
+                }
+            }
+            _ => {}
         }
         resp
     }

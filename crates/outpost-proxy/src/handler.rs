@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use outpost_cache::status::Fwd;
 use outpost_cache::{CACHE_STATUS, CacheOutcome, CacheRequest, CacheStatus, Upstream};
 use outpost_config::GeoPoint;
+use outpost_guard::ratelimit::Phase;
 use outpost_guard::{IDENTITY_HEADER, JWKS_PATH, Principal};
 use outpost_telemetry::access::{self, AccessRecord};
 use outpost_telemetry::metrics::RouteMetrics;
@@ -245,6 +246,28 @@ async fn proxy(
     let Some(route) = snap.routes.get(index) else {
         return (None, Err(ProxyError::NoRoute));
     };
+    // Guards, cheapest refusal first: country, then limits that need no token, then the token,
+    // then limits by subject.
+    if let Some(geo) = &route.geo
+        && !geo.admits(ctx.location.country.as_deref())
+    {
+        let country = ctx
+            .location
+            .country
+            .clone()
+            .unwrap_or_else(|| "your location".into());
+        return (Some(index), Err(ProxyError::Geo(country)));
+    }
+    let mut limit_headers = Vec::new();
+    if !route.limits.is_empty() {
+        match route
+            .limits
+            .check(Phase::BeforeAuth, ctx.client_ip, None, req.headers())
+        {
+            Ok(h) => limit_headers = h,
+            Err(limited) => return (Some(index), Err(ProxyError::RateLimited(limited))),
+        }
+    }
     let principal = match &route.auth {
         Some(auth) => match auth.authenticate(req.headers()).await {
             Ok(p) => p,
@@ -252,9 +275,26 @@ async fn proxy(
         },
         None => None,
     };
+    if !route.limits.is_empty() {
+        let sub = principal.as_ref().and_then(|p| p.sub.as_deref());
+        match route
+            .limits
+            .check(Phase::AfterAuth, ctx.client_ip, sub, req.headers())
+        {
+            Ok(h) if !h.is_empty() => limit_headers = h,
+            Ok(_) => {}
+            Err(limited) => return (Some(index), Err(ProxyError::RateLimited(limited))),
+        }
+    }
+    let result = forward(node, snap, index, route, conn, ctx, via, principal, req).await;
     (
         Some(index),
-        forward(node, snap, index, route, conn, ctx, via, principal, req).await,
+        result.map(|mut f| {
+            for (name, value) in limit_headers {
+                f.response.headers_mut().append(name, value);
+            }
+            f
+        }),
     )
 }
 
@@ -605,7 +645,16 @@ async fn send_to_origin(
     let too_large = ProxyError::PayloadTooLarge {
         limit: route.max_body,
     };
-    let candidates = route.group.nearest_available(at);
+    let mut candidates = route.group.nearest_available(at);
+    if !route.residency.is_empty() {
+        candidates.retain(|e| route.residency.contains(&e.region));
+        if candidates.is_empty() {
+            return Err(ProxyError::NoResidentEndpoint {
+                group: route.group.name.clone(),
+                regions: route.residency.join(", "),
+            });
+        }
+    }
     if candidates.is_empty() {
         return Err(ProxyError::NoHealthyEndpoint(route.group.name.clone()));
     }

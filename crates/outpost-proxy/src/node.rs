@@ -44,6 +44,49 @@ pub struct RouteRuntime {
     pub auth: Option<Arc<Authenticator>>,
     /// Whether the origin gets a signed `x-outpost-identity`.
     pub forward_identity: bool,
+    /// Rate limits (possibly none).
+    pub limits: Arc<outpost_guard::ratelimit::RateLimits>,
+    /// Country rule.
+    pub geo: Option<outpost_guard::geo::GeoRule>,
+    /// Regions the route's requests may go to (empty: any).
+    pub residency: Vec<String>,
+}
+
+fn route_limits(r: &outpost_config::Route) -> Arc<outpost_guard::ratelimit::RateLimits> {
+    use outpost_guard::ratelimit::{Limit, LimitKey, RateLimits};
+    // Validation has checked keys and rates, so nothing is dropped here.
+    let limits = r
+        .rate_limits
+        .iter()
+        .filter_map(|l| Limit::new(&l.name, LimitKey::parse(&l.key)?, l.rate, l.per, l.burst))
+        .collect();
+    Arc::new(RateLimits::new(limits))
+}
+
+/// Sweeps idle rate-limit keys every 10 s while the snapshot's limiters are alive.
+fn sweep_limits(routes: &[RouteRuntime]) {
+    let limits: Vec<_> = routes
+        .iter()
+        .filter(|r| !r.limits.is_empty())
+        .map(|r| Arc::downgrade(&r.limits))
+        .collect();
+    if limits.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            let mut alive = false;
+            for l in limits.iter().filter_map(std::sync::Weak::upgrade) {
+                alive = true;
+                l.sweep();
+            }
+            if !alive {
+                return;
+            }
+        }
+    });
 }
 
 /// A cached route's policy and its cache-status counters.
@@ -293,8 +336,15 @@ impl Snapshot {
                 cache: route_cache(r, metrics),
                 auth: guards.auth.remove(&r.name),
                 forward_identity: r.forward_identity,
+                limits: route_limits(r),
+                geo: r.geo.as_ref().map(|g| outpost_guard::geo::GeoRule {
+                    allow: g.allow_countries.clone(),
+                    deny: g.deny_countries.clone(),
+                }),
+                residency: r.residency.clone(),
             });
         }
+        sweep_limits(&routes);
         let table = RouteTable::new(
             config
                 .routes

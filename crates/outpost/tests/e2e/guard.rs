@@ -165,3 +165,83 @@ async fn jwt_at_the_edge_and_signed_identity_to_the_origin() {
             .contains("insufficient_scope")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_country_rules_and_residency() {
+    let us = Origin::echo("us-west").await;
+    let mut eu = Origin::echo("eu-west").await;
+    let node = Node::start(
+        &NodeConfig::new()
+            .raw("[client_location]\ntrusted_proxies = [\"127.0.0.0/8\"]")
+            .origin("api", &[(&us, PORTLAND), (&eu, DUBLIN)], "")
+            .route(
+                "limited",
+                "/echo/limited",
+                "api",
+                "[[routes.rate_limits]]\nname = \"per-ip\"\nrate = 3\nper = \"1m\"",
+            )
+            .route(
+                "eu",
+                "/echo/eu",
+                "api",
+                "residency = [\"eu-west\"]\n[routes.geo]\nallow_countries = [\"DE\", \"FR\"]",
+            ),
+    )
+    .await;
+    let c = client();
+
+    for left in [2, 1, 0] {
+        let r = c.get(node.url("/echo/limited")).send().await.expect("req");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["ratelimit-policy"], "\"per-ip\";q=3;w=60");
+        let rl = r.headers()["ratelimit"].to_str().unwrap_or("").to_owned();
+        assert!(rl.starts_with(&format!("\"per-ip\";r={left};")), "{rl}");
+    }
+    let r = c
+        .get(node.url("/echo/limited"))
+        .send()
+        .await
+        .expect("limited");
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After seconds");
+    assert!((1..=20).contains(&retry), "{retry}");
+    assert!(r.headers().contains_key("ratelimit-policy"));
+    let problem: Value = r.json().await.expect("problem json");
+    assert_eq!(problem["type"], "urn:outpost:problem:rate-limited");
+
+    let from = |country: &'static str| {
+        c.get(node.url("/echo/eu"))
+            .header("x-user-country", country)
+            .send()
+    };
+    let r = from("US").await.expect("us");
+    assert_eq!(r.status(), 451);
+    let r = from("DE").await.expect("de");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-origin-region"], "eu-west");
+
+    // Residency: with eu-west down, German clients get a 503, never us-west.
+    eu.kill();
+    eventually(
+        "the residency refusal",
+        std::time::Duration::from_secs(10),
+        || async {
+            let r = from("DE").await.expect("de");
+            r.status() == 503
+                && r.json::<Value>().await.ok().is_some_and(|p| {
+                    p["type"] == "urn:outpost:problem:no-resident-endpoint"
+                        || p["type"] == "urn:outpost:problem:origin-unreachable"
+                })
+        },
+    )
+    .await;
+    let r = from("FR").await.expect("fr");
+    assert_ne!(
+        r.headers().get("x-origin-region").map(|v| v.as_bytes()),
+        Some(&b"us-west"[..])
+    );
+}
