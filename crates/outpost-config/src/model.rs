@@ -47,6 +47,9 @@ pub struct Config {
     /// The node's key for signing the identity it forwards to origins.
     #[serde(default)]
     pub identity: Identity,
+    /// A/B experiments; routes name the ones they take part in.
+    #[serde(default)]
+    pub experiments: Vec<Experiment>,
     /// Directory of the config file, for resolving relative paths; not part of the TOML.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -388,6 +391,33 @@ pub struct Route {
     /// request fails (503) rather than leave them. Empty = any region.
     #[serde(default)]
     pub residency: Vec<String>,
+    /// Experiments this route takes part in: each request gets a sticky variant, forwarded in
+    /// `x-outpost-variant` (and the identity), and part of the cache key.
+    #[serde(default)]
+    pub experiments: Vec<String>,
+}
+
+/// An A/B experiment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Name, referred to by routes.
+    pub name: String,
+    /// Cookie pinning a client to its variant (default `outpost_ab_<name>`).
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Variants and their weights.
+    pub variants: Vec<Variant>,
+}
+
+/// One variant of an experiment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    /// Name (sent to the origin and stored in the cookie).
+    pub name: String,
+    /// Relative weight.
+    pub weight: u32,
 }
 
 /// One rate limit of a route.

@@ -143,12 +143,55 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_cache(&mut c, config);
     check_auth(&mut c, config);
     check_guards(&mut c, config);
+    check_experiments(&mut c, config);
     c.problems
 }
 
 const ALGORITHMS: [&str; 10] = [
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA", "HS256",
 ];
+
+fn check_experiments(c: &mut Checker, config: &Config) {
+    let names: Vec<&str> = config.experiments.iter().map(|e| e.name.as_str()).collect();
+    for (i, e) in config.experiments.iter().enumerate() {
+        c.name(
+            path(&[&"experiments", &i, &"name"]),
+            "experiment name",
+            &e.name,
+        );
+        if e.variants.iter().map(|v| u64::from(v.weight)).sum::<u64>() == 0 {
+            c.report(
+                path(&[&"experiments", &i, &"variants"]),
+                format!("experiment `{}` has no variant with a weight", e.name),
+                "no weight",
+                Some("e.g. variants = [{ name = \"a\", weight = 50 }, { name = \"b\", weight = 50 }]".to_owned()),
+            );
+        }
+        for (j, v) in e.variants.iter().enumerate() {
+            c.name(
+                path(&[&"experiments", &i, &"variants", &j, &"name"]),
+                "variant name",
+                &v.name,
+            );
+        }
+    }
+    for (i, r) in config.routes.iter().enumerate() {
+        for (j, name) in r.experiments.iter().enumerate() {
+            if !names.contains(&name.as_str()) {
+                let help = match did_you_mean(name, &names) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None => "define it with an [[experiments]] table".to_owned(),
+                };
+                c.report(
+                    path(&[&"routes", &i, &"experiments", &j]),
+                    format!("route `{}` uses unknown experiment `{name}`", r.name),
+                    "no such experiment",
+                    Some(help),
+                );
+            }
+        }
+    }
+}
 
 fn check_guards(c: &mut Checker, config: &Config) {
     let regions: Vec<&str> = config

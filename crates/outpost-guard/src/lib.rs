@@ -11,11 +11,13 @@
 //! - [`ratelimit`]: GCRA limits keyed by IP, `sub`, a header or the route, with IETF
 //!   `RateLimit` headers.
 //! - [`geo`]: country allow/deny rules (451).
+//! - [`ab`]: A/B experiments with sticky, weighted variants.
 //!
 //! Where it sits: the proxy's handler runs [`jwt::Authenticator::authenticate`] after routing
 //! and before the cache stage, and signs the identity when a request goes to the origin. The order is geo rule → IP/header/
 //! route limits → authentication → `sub` limits, cheapest refusal first.
 
+pub mod ab;
 pub mod geo;
 pub mod identity;
 pub mod jwt;

@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use outpost_cache::status::Fwd;
 use outpost_cache::{CACHE_STATUS, CacheOutcome, CacheRequest, CacheStatus, Upstream};
 use outpost_config::GeoPoint;
+use outpost_guard::ab::Assignment;
 use outpost_guard::ratelimit::Phase;
 use outpost_guard::{IDENTITY_HEADER, JWKS_PATH, Principal};
 use outpost_telemetry::access::{self, AccessRecord};
@@ -29,7 +30,7 @@ use crate::body::{LimitedBody, ObservedBody, ProxyBody, ReplayableBody, boxed, e
 use crate::context::{ConnInfo, RequestContext};
 use crate::error::{ErrorSource, ProxyError};
 use crate::filters::{self, ForwardInfo, Timings};
-use crate::node::{Node, RouteCache, RouteRuntime, Snapshot};
+use crate::node::{Node, RouteCache, RouteRuntime, Snapshot, VARIANT_HEADER};
 use crate::origin::AttemptError;
 use crate::routing::strip_prefix;
 
@@ -286,16 +287,57 @@ async fn proxy(
             Err(limited) => return (Some(index), Err(ProxyError::RateLimited(limited))),
         }
     }
-    let result = forward(node, snap, index, route, conn, ctx, via, principal, req).await;
+    let variants: Vec<Assignment> = route
+        .experiments
+        .iter()
+        .map(|e| {
+            let pinned = cookie(req.headers(), &e.cookie);
+            let sub = principal.as_ref().and_then(|p| p.sub.as_deref());
+            e.assign(pinned, sub, ctx.client_ip)
+        })
+        .collect();
+    let guarded = Guarded {
+        principal,
+        variants: &variants,
+    };
+    let result = forward(node, snap, index, route, conn, ctx, via, guarded, req).await;
     (
         Some(index),
         result.map(|mut f| {
+            let h = f.response.headers_mut();
             for (name, value) in limit_headers {
-                f.response.headers_mut().append(name, value);
+                h.append(name, value);
+            }
+            for (e, a) in route.experiments.iter().zip(&variants) {
+                if a.new
+                    && let Ok(v) = HeaderValue::from_str(&e.set_cookie(&a.variant))
+                {
+                    h.append(header::SET_COOKIE, v);
+                }
             }
             f
         }),
     )
+}
+
+/// What the guards established about a request.
+struct Guarded<'a> {
+    /// The verified caller, on authenticated routes.
+    principal: Option<Principal>,
+    /// One variant per experiment of the route.
+    variants: &'a [Assignment],
+}
+
+/// One cookie's value.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|p| p.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
 }
 
 /// The node's public identity keys, for origins verifying `x-outpost-identity`.
@@ -324,6 +366,7 @@ fn identity_claims(
     route: &RouteRuntime,
     ctx: &RequestContext,
     principal: Option<&Principal>,
+    variants: &[Assignment],
 ) -> serde_json::Map<String, serde_json::Value> {
     use serde_json::{Value, json};
     let mut c = serde_json::Map::new();
@@ -342,6 +385,13 @@ fn identity_claims(
         if !forwarded.is_empty() {
             c.insert("claims".into(), Value::Object(forwarded));
         }
+    }
+    if !variants.is_empty() {
+        let v: serde_json::Map<String, Value> = variants
+            .iter()
+            .map(|a| (a.experiment.clone(), Value::from(a.variant.clone())))
+            .collect();
+        c.insert("variant".into(), Value::Object(v));
     }
     c.insert(
         "geo".into(),
@@ -364,9 +414,13 @@ async fn forward(
     conn: &ConnInfo,
     ctx: &Arc<RequestContext>,
     via: &HeaderValue,
-    principal: Option<Principal>,
+    guarded: Guarded<'_>,
     req: Request<Incoming>,
 ) -> Result<Forwarded, ProxyError> {
+    let Guarded {
+        principal,
+        variants,
+    } = guarded;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -392,6 +446,16 @@ async fn forward(
     };
     let mut headers = parts.headers;
     filters::strip_request(&mut headers, ctx, &snap.locator);
+    if !variants.is_empty() {
+        let v = variants
+            .iter()
+            .map(|a| format!("{}={}", a.experiment, a.variant))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            headers.insert(VARIANT_HEADER, v);
+        }
+    }
     let authenticated = principal.is_some();
     let hop = Hop {
         host,
@@ -402,7 +466,7 @@ async fn forward(
         identity: route.forward_identity.then(|| Identity {
             signer: snap.identity.clone(),
             audience: route.group.name.clone(),
-            claims: identity_claims(snap, route, ctx, principal.as_ref()),
+            claims: identity_claims(snap, route, ctx, principal.as_ref(), variants),
         }),
     };
 

@@ -50,6 +50,8 @@ pub struct RouteRuntime {
     pub geo: Option<outpost_guard::geo::GeoRule>,
     /// Regions the route's requests may go to (empty: any).
     pub residency: Vec<String>,
+    /// Experiments of the route.
+    pub experiments: Vec<Arc<outpost_guard::ab::Experiment>>,
 }
 
 fn route_limits(r: &outpost_config::Route) -> Arc<outpost_guard::ratelimit::RateLimits> {
@@ -98,6 +100,9 @@ pub struct RouteCache {
     pub metrics: CacheRouteMetrics,
 }
 
+/// The request header carrying a request's A/B variants to the origin.
+pub const VARIANT_HEADER: &str = "x-outpost-variant";
+
 fn route_cache(r: &outpost_config::Route, metrics: &Metrics) -> Option<RouteCache> {
     let c = r.cache.as_ref().filter(|c| c.enabled)?;
     let labels = CacheOutcome::ALL.map(CacheOutcome::as_str);
@@ -112,12 +117,17 @@ fn route_cache(r: &outpost_config::Route, metrics: &Metrics) -> Option<RouteCach
             store_validation_errors: c.store_validation_errors,
             client_directives: c.client_directives,
             key: KeyPolicy {
-                // Validation rejects invalid names, so none is dropped here.
+                // Validation rejects invalid names, so none is dropped here. A route in
+                // experiments keeps one entry per variant combination.
                 headers: c
                     .key
                     .headers
                     .iter()
                     .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                    .chain(
+                        (!r.experiments.is_empty())
+                            .then_some(HeaderName::from_static(VARIANT_HEADER)),
+                    )
                     .collect(),
                 cookies: c.key.cookies.clone(),
                 ignore_query: c.key.ignore_query.clone(),
@@ -313,6 +323,20 @@ impl Snapshot {
         mut guards: Guards,
     ) -> Result<Snapshot, BuildError> {
         let origins = Origins::build(&config, previous.map(|p| &p.origins), metrics)?;
+        let experiments: std::collections::HashMap<String, Arc<outpost_guard::ab::Experiment>> =
+            config
+                .experiments
+                .iter()
+                .filter_map(|e| {
+                    let variants = e
+                        .variants
+                        .iter()
+                        .map(|v| (v.name.clone(), v.weight))
+                        .collect();
+                    outpost_guard::ab::Experiment::new(&e.name, e.cookie.as_deref(), variants)
+                        .map(|x| (e.name.clone(), Arc::new(x)))
+                })
+                .collect();
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
             let group = origins
@@ -342,6 +366,11 @@ impl Snapshot {
                     deny: g.deny_countries.clone(),
                 }),
                 residency: r.residency.clone(),
+                experiments: r
+                    .experiments
+                    .iter()
+                    .filter_map(|name| experiments.get(name).cloned())
+                    .collect(),
             });
         }
         sweep_limits(&routes);

@@ -245,3 +245,98 @@ async fn rate_limits_country_rules_and_residency() {
         Some(&b"us-west"[..])
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ab_variants_are_sticky_forwarded_and_part_of_the_cache_key() {
+    let origin = Origin::echo("us-west").await;
+    let node = Node::start(
+        &NodeConfig::new()
+            .raw(
+                "[client_location]\ntrusted_proxies = [\"127.0.0.0/8\"]\n\n[[experiments]]\nname = \"checkout\"\nvariants = [{ name = \"a\", weight = 50 }, { name = \"b\", weight = 50 }]",
+            )
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("shop", "/", "api", "experiments = [\"checkout\"]\n[routes.cache]"),
+    )
+    .await;
+    let c = client();
+
+    let first = c
+        .get(node.url("/echo/x"))
+        .header("x-outpost-variant", "checkout=forged")
+        .send()
+        .await
+        .expect("first");
+    let set_cookie = first.headers()["set-cookie"]
+        .to_str()
+        .unwrap_or("")
+        .to_owned();
+    let variant = set_cookie
+        .strip_prefix("outpost_ab_checkout=")
+        .and_then(|v| v.split(';').next())
+        .expect("variant cookie")
+        .to_owned();
+    assert!(variant == "a" || variant == "b");
+    let echo: Value = first.json().await.expect("json");
+    assert_eq!(
+        seen(&echo, "x-outpost-variant"),
+        [format!("checkout={variant}")]
+    );
+
+    let again = c
+        .get(node.url("/echo/x"))
+        .header("cookie", format!("outpost_ab_checkout={variant}"))
+        .send()
+        .await
+        .expect("again");
+    assert!(
+        again.headers().get("set-cookie").is_none(),
+        "already pinned"
+    );
+    let echo: Value = again.json().await.expect("json");
+    assert_eq!(
+        seen(&echo, "x-outpost-variant"),
+        [format!("checkout={variant}")]
+    );
+
+    // One cache entry per variant.
+    for v in ["a", "b", "a", "b"] {
+        let r = c
+            .get(node.url("/cache/ab?cc=max-age%3D60"))
+            .header("cookie", format!("outpost_ab_checkout={v}"))
+            .send()
+            .await
+            .expect("cached");
+        r.bytes().await.expect("body");
+    }
+    let count: Value = client()
+        .get(format!("{}/control/count/ab", origin.url()))
+        .send()
+        .await
+        .expect("count")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(count["n"], 2, "one origin fetch per variant");
+
+    // New clients (distinct addresses through a trusted proxy) split about evenly.
+    let mut b = 0;
+    for i in 0..300u32 {
+        let r = c
+            .get(node.url("/echo/split"))
+            .header(
+                "x-forwarded-for",
+                format!("203.0.{}.{}", i / 250, i % 250 + 1),
+            )
+            .send()
+            .await
+            .expect("split");
+        if r.headers()["set-cookie"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("outpost_ab_checkout=b")
+        {
+            b += 1;
+        }
+    }
+    assert!((100..=200).contains(&b), "b got {b} of 300");
+}
