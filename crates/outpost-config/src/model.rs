@@ -191,6 +191,10 @@ pub struct Server {
     /// Most concurrent client connections; beyond this, new connections wait in the kernel backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Request headers the origin trusts as set by the edge (besides every `x-outpost-*`):
+    /// removed from every client request, so a client can never forge them.
+    #[serde(default)]
+    pub internal_headers: Vec<String>,
 }
 
 impl Default for Server {
@@ -202,6 +206,7 @@ impl Default for Server {
             max_body_bytes: default_max_body_bytes(),
             drain_timeout: default_drain_timeout(),
             max_connections: default_max_connections(),
+            internal_headers: Vec::new(),
         }
     }
 }

@@ -144,12 +144,26 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_auth(&mut c, config);
     check_guards(&mut c, config);
     check_experiments(&mut c, config);
+    check_internal_headers(&mut c, config);
     c.problems
 }
 
 const ALGORITHMS: [&str; 10] = [
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA", "HS256",
 ];
+
+fn check_internal_headers(c: &mut Checker, config: &Config) {
+    for (i, h) in config.server.internal_headers.iter().enumerate() {
+        if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            c.report(
+                path(&[&"server", &"internal_headers", &i]),
+                format!("`{h}` is not a header name"),
+                "invalid header name",
+                Some("header names are tokens such as \"x-internal-user\"".to_owned()),
+            );
+        }
+    }
+}
 
 fn check_experiments(c: &mut Checker, config: &Config) {
     let names: Vec<&str> = config.experiments.iter().map(|e| e.name.as_str()).collect();

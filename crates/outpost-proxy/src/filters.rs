@@ -84,14 +84,20 @@ pub fn request_headers(
     info: &ForwardInfo<'_>,
     locator: &Locator,
 ) {
-    strip_request(headers, ctx, locator);
+    strip_request(headers, ctx, locator, &[]);
     add_forwarding(headers, ctx, info);
 }
 
 /// Removes what must never travel on or influence anything: hop-by-hop fields, internal
 /// `x-outpost-*` headers and, from untrusted peers, location and forwarding headers. The cache
 /// stage sees requests in this state.
-pub fn strip_request(headers: &mut HeaderMap, ctx: &RequestContext, locator: &Locator) {
+/// `internal` lists the operator's extra internal headers (`[server] internal_headers`).
+pub fn strip_request(
+    headers: &mut HeaderMap,
+    ctx: &RequestContext,
+    locator: &Locator,
+    internal: &[HeaderName],
+) {
     let untrusted = !ctx.peer_trusted;
     let location = locator.location_headers();
     let forwarded = [
@@ -101,7 +107,9 @@ pub fn strip_request(headers: &mut HeaderMap, ctx: &RequestContext, locator: &Lo
         FORWARDED,
     ];
     strip_matching(headers, |name| {
-        is_internal(name) || (untrusted && (location.contains(&name) || forwarded.contains(name)))
+        is_internal(name)
+            || internal.contains(name)
+            || (untrusted && (location.contains(&name) || forwarded.contains(name)))
     });
 }
 

@@ -445,7 +445,7 @@ async fn forward(
         None => new_path.to_owned(),
     };
     let mut headers = parts.headers;
-    filters::strip_request(&mut headers, ctx, &snap.locator);
+    filters::strip_request(&mut headers, ctx, &snap.locator, &snap.internal_headers);
     if !variants.is_empty() {
         let v = variants
             .iter()

@@ -173,6 +173,8 @@ pub struct Snapshot {
     pub unmatched: RouteMetrics,
     /// Signs forwarded identities; its JWKS is served on every listener.
     pub identity: Arc<IdentitySigner>,
+    /// `[server] internal_headers`, stripped from every client request.
+    pub internal_headers: Vec<HeaderName>,
 }
 
 /// What a snapshot needs that takes I/O to prepare (remote key sets, key files), done before
@@ -393,6 +395,12 @@ impl Snapshot {
             origins,
             unmatched: metrics.route("_unmatched"),
             identity: guards.identity,
+            internal_headers: config
+                .server
+                .internal_headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                .collect(),
             config: Arc::new(config),
         })
     }

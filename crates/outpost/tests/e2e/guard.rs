@@ -50,6 +50,7 @@ async fn jwt_at_the_edge_and_signed_identity_to_the_origin() {
     );
     let node = Node::start(
         &NodeConfig::new()
+            .raw("[server]\ninternal_headers = [\"x-internal-user\"]")
             .origin("central", &[(&origin, PORTLAND)], "")
             .route("shop", "/echo", "central", &auth)
             .route("admin", "/echo/admin", "central", &admin_only),
@@ -92,6 +93,8 @@ async fn jwt_at_the_edge_and_signed_identity_to_the_origin() {
         .get(node.url("/echo"))
         .bearer_auth(&good)
         .header("x-outpost-identity", "forged")
+        .header("x-outpost-anything", "forged")
+        .header("x-internal-user", "admin")
         .send()
         .await
         .expect("good");
@@ -104,6 +107,11 @@ async fn jwt_at_the_edge_and_signed_identity_to_the_origin() {
     let identity = seen(&echo, "x-outpost-identity");
     assert_eq!(identity.len(), 1, "exactly one identity, the node's");
     assert_ne!(identity[0], "forged");
+    assert!(seen(&echo, "x-outpost-anything").is_empty());
+    assert!(
+        seen(&echo, "x-internal-user").is_empty(),
+        "configured internal header stripped"
+    );
 
     // The origin can verify it with the node's JWKS.
     let jwks = c
