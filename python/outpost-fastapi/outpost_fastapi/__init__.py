@@ -1,0 +1,48 @@
+"""Verify the identity token an Outpost edge node forwards to a FastAPI origin.
+
+The edge signs a short-lived JWT (EdDSA / Ed25519) into the ``x-outpost-identity`` request
+header; :class:`OutpostIdentity` checks it against the edge's JWKS and hands the route an
+:class:`EdgeIdentity`::
+
+    from fastapi import Depends, FastAPI
+    from outpost_fastapi import EdgeIdentity, OutpostIdentity
+
+    edge = OutpostIdentity("https://edge.example.com/.well-known/outpost/jwks.json", audience="central")
+    app = FastAPI()
+
+    @app.get("/me")
+    async def me(identity: EdgeIdentity = Depends(edge)):
+        return {"sub": identity.sub, "country": identity.country}
+"""
+
+from ._dependency import (
+    DEFAULT_HEADER,
+    ISSUER,
+    IdentityError,
+    OutpostIdentity,
+    require_role,
+    require_scope,
+)
+from ._identity import ClaimError, EdgeIdentity
+from ._jwks import JWKSCache, JWKSError, JWKSUnavailable, UnknownKeyId, parse_jwks
+
+JWKS_PATH = "/.well-known/outpost/jwks.json"
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_HEADER",
+    "ISSUER",
+    "JWKS_PATH",
+    "ClaimError",
+    "EdgeIdentity",
+    "IdentityError",
+    "JWKSCache",
+    "JWKSError",
+    "JWKSUnavailable",
+    "OutpostIdentity",
+    "UnknownKeyId",
+    "parse_jwks",
+    "require_role",
+    "require_scope",
+]
