@@ -30,7 +30,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timezone
 
-from fastapi import FastAPI, HTTPException, Request, Response, status
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from outpost_fastapi import EdgeIdentity, OutpostIdentity
 from pydantic import BaseModel, Field
 
 REGION = os.environ.get("REGION", "us-west")
@@ -128,7 +129,30 @@ async def add_region_header(request: Request, call_next):
     return response
 
 
+# --- edge identity -----------------------------------------------------------
+
+# Requests that came through an Outpost edge carry a signed x-outpost-identity (the route sets
+# forward_identity = true); it is verified against the edge's public keys, so a client talking
+# to this service directly cannot pretend to be anyone.
+EDGE = OutpostIdentity(
+    os.environ.get("OUTPOST_JWKS_URL", "http://127.0.0.1:8080/.well-known/outpost/jwks.json"),
+    audience="central",
+)
+
 # --- endpoints ---------------------------------------------------------------
+
+
+@app.get("/whoami")
+async def whoami(identity: EdgeIdentity = Depends(EDGE)) -> dict:
+    """What the edge vouches for: which node, the client's country, user and A/B variants."""
+    return {
+        "node": identity.node,
+        "country": identity.country,
+        "sub": identity.sub,
+        "request_id": identity.request_id,
+        "variants": identity.variants,
+        "region": REGION,
+    }
 
 
 @app.get("/healthz")

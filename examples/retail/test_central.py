@@ -118,3 +118,9 @@ def test_sales_survive_restart(client):
     client.post("/sales", json={"store_id": "s", "sku": "KTL-004", "quantity": 1, "unit_price_cents": 3999})
     with TestClient(central.app) as again:
         assert len(again.get("/sales").json()) == 1
+
+
+def test_whoami_requires_an_edge_identity(client):
+    assert client.get("/whoami").status_code == 401
+    forged = client.get("/whoami", headers={"x-outpost-identity": "eyJhbGciOiJub25lIn0.e30."})
+    assert forged.status_code == 401

@@ -781,12 +781,19 @@ async fn check_validates_configs_with_located_diagnostics() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn retail_example_serves_the_catalog_and_records_sales_through_the_edge() {
-    let us = Origin::retail("us-west").await;
-    let eu = Origin::retail("eu-west").await;
+    // The origins verify identities against the node's JWKS, so the node's port is chosen
+    // first (a free port, released for the node to bind).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let jwks = format!("http://127.0.0.1:{port}/.well-known/outpost/jwks.json");
+    let us = Origin::retail_with_jwks("us-west", &jwks).await;
+    let eu = Origin::retail_with_jwks("eu-west", &jwks).await;
     // The shipped example config, with the demo's fixed ports swapped for the test's.
     let text = std::fs::read_to_string(repo_root().join("examples/retail/outpost.toml"))
         .expect("example config")
-        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
         .replace("127.0.0.1:9901", "127.0.0.1:0")
         .replace("http://127.0.0.1:8001", &us.url())
         .replace("http://127.0.0.1:8002", &eu.url());
@@ -816,6 +823,32 @@ async fn retail_example_serves_the_catalog_and_records_sales_through_the_edge() 
         .await
         .expect("req");
     assert_eq!(r.status(), 422, "FastAPI's validation error passes through");
+
+    // The edge vouches for the request with a signed identity that FastAPI verifies
+    // (python/outpost-fastapi); the same call made directly, or forged, is refused.
+    let r = c
+        .get(node.url("/api/whoami"))
+        .header("x-user-country", "IE")
+        .send()
+        .await
+        .expect("whoami");
+    assert_eq!(r.status(), 200);
+    let me: Value = r.json().await.expect("json");
+    assert_eq!(me["node"], "tokyo-1");
+    assert_eq!(me["country"], "IE");
+    let direct = c
+        .get(format!("{}/whoami", eu.url()))
+        .send()
+        .await
+        .expect("direct");
+    assert_eq!(direct.status(), 401);
+    let forged = c
+        .get(format!("{}/whoami", eu.url()))
+        .header("x-outpost-identity", "eyJhbGciOiJub25lIn0.e30.")
+        .send()
+        .await
+        .expect("forged");
+    assert_eq!(forged.status(), 401);
 }
 
 #[tokio::test(flavor = "multi_thread")]

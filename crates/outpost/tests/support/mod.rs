@@ -101,16 +101,32 @@ impl Origin {
 
     /// The retail example's central app.
     pub async fn retail(region: &str) -> Origin {
-        Origin::spawn(
+        Origin::retail_with_jwks(region, "http://127.0.0.1:9/unused").await
+    }
+
+    /// The retail app, verifying edge identities against `jwks_url`.
+    pub async fn retail_with_jwks(region: &str, jwks_url: &str) -> Origin {
+        Origin::spawn_with(
             repo_root().join("examples/retail"),
             "central:app",
             region,
             0,
+            &[("OUTPOST_JWKS_URL", jwks_url)],
         )
         .await
     }
 
     async fn spawn(app_dir: PathBuf, module: &str, region: &str, port: u16) -> Origin {
+        Origin::spawn_with(app_dir, module, region, port, &[]).await
+    }
+
+    async fn spawn_with(
+        app_dir: PathBuf,
+        module: &str,
+        region: &str,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Origin {
         let db = std::env::temp_dir().join(format!(
             "outpost-test-{}-{}-{}.db",
             region,
@@ -125,6 +141,7 @@ impl Origin {
             .args(["--log-level", "info", "--no-access-log"])
             .env("REGION", region)
             .env("SALES_DB", db)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
