@@ -286,6 +286,27 @@ pub struct OriginGroup {
     /// The endpoints; at least one.
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// TLS settings for `https://` endpoints (system roots by default).
+    #[serde(default)]
+    pub tls: Option<OriginTls>,
+}
+
+/// How the node verifies (and authenticates to) HTTPS origins.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginTls {
+    /// PEM CA bundle to trust instead of the system roots (a private PKI).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain for mutual TLS.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Name to verify the certificate against instead of the URL's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 /// Protocol spoken to an origin.

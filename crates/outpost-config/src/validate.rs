@@ -145,12 +145,29 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_guards(&mut c, config);
     check_experiments(&mut c, config);
     check_internal_headers(&mut c, config);
+    check_origin_tls(&mut c, config);
     c.problems
 }
 
 const ALGORITHMS: [&str; 10] = [
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA", "HS256",
 ];
+
+fn check_origin_tls(c: &mut Checker, config: &Config) {
+    for (name, g) in &config.origins {
+        let Some(t) = &g.tls else { continue };
+        if t.client_cert.is_some() != t.client_key.is_some() {
+            c.report(
+                path(&[&"origins", name, &"tls"]),
+                format!(
+                    "origin `{name}`: a client certificate needs both client_cert and client_key"
+                ),
+                "half a client certificate",
+                Some("set both (PEM chain and PEM private key), or neither".to_owned()),
+            );
+        }
+    }
+}
 
 fn check_internal_headers(c: &mut Checker, config: &Config) {
     for (i, h) in config.server.internal_headers.iter().enumerate() {
@@ -670,7 +687,10 @@ fn check_origins(c: &mut Checker, config: &Config) {
 }
 
 fn check_endpoint_url(c: &mut Checker, p: Vec<PathSeg>, url: &str) {
-    let help = Some("write the endpoint as \"http://host:port\", with no path".to_owned());
+    let help = Some(
+        "write the endpoint as \"http://host:port\" or \"https://host:port\", with no path"
+            .to_owned(),
+    );
     let uri = match url.parse::<http::Uri>() {
         Ok(u) => u,
         Err(e) => {
@@ -679,18 +699,14 @@ fn check_endpoint_url(c: &mut Checker, p: Vec<PathSeg>, url: &str) {
         }
     };
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
+        Some("http") | Some("https") => {}
+        _ => {
             c.report(
                 p,
-                format!("`{url}`: HTTPS origins are not supported by this build"),
-                "https",
-                Some("use an http:// endpoint (upstream TLS is on the roadmap)".to_owned()),
+                format!("`{url}` has no http:// or https:// scheme"),
+                "scheme",
+                help,
             );
-            return;
-        }
-        _ => {
-            c.report(p, format!("`{url}` has no http:// scheme"), "scheme", help);
             return;
         }
     }

@@ -33,8 +33,9 @@ use pool::{H1Pool, PoolError};
 enum Transport {
     /// Our own HTTP/1.1 pool (see [`pool`]).
     H1(Arc<H1Pool>),
-    /// HTTP/2 prior knowledge: hyper-util's client multiplexes one connection.
-    H2(Box<Client<HttpConnector, ProxyBody>>),
+    /// HTTP/2 (prior knowledge on http://, ALPN h2 on https://): hyper-util's client
+    /// multiplexes one connection.
+    H2(Box<Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>>),
 }
 
 /// Time base for ejection deadlines stored in atomics.
@@ -53,6 +54,7 @@ struct EndpointKey {
     connect_timeout: Duration,
     pool_idle_timeout: Duration,
     pool_max_idle: usize,
+    tls: Option<outpost_config::OriginTls>,
 }
 
 /// One endpoint of an origin group, with its pool and health.
@@ -99,22 +101,70 @@ pub enum AttemptError {
 }
 
 impl Endpoint {
-    fn new(key: &EndpointKey, cfg: &outpost_config::Endpoint, metrics: &Metrics) -> Option<Self> {
-        let uri: http::Uri = cfg.url.parse().ok()?;
-        let authority = uri.authority()?.clone();
-        let scheme = uri.scheme()?.clone();
+    fn new(
+        key: &EndpointKey,
+        cfg: &outpost_config::Endpoint,
+        base_dir: &std::path::Path,
+        metrics: &Metrics,
+    ) -> Result<Self, String> {
+        let uri: http::Uri = cfg.url.parse().map_err(|e| format!("{e}"))?;
+        let authority = uri.authority().ok_or("no host")?.clone();
+        let scheme = uri.scheme().ok_or("no scheme")?.clone();
+        let https = scheme == Scheme::HTTPS;
         let transport = match key.protocol {
-            OriginProtocol::Http1 => Transport::H1(H1Pool::new(
-                authority.clone(),
-                key.connect_timeout,
-                key.pool_idle_timeout,
-                key.pool_max_idle,
-            )),
+            OriginProtocol::Http1 => {
+                let tls = if https {
+                    let config =
+                        crate::tls::client_config(key.tls.as_ref(), base_dir, &[b"http/1.1"])
+                            .map_err(|e| e.to_string())?;
+                    let name = key
+                        .tls
+                        .as_ref()
+                        .and_then(|t| t.server_name.clone())
+                        .unwrap_or_else(|| {
+                            uri.host()
+                                .unwrap_or_default()
+                                .trim_matches(['[', ']'])
+                                .to_owned()
+                        });
+                    let server_name = rustls_pki_types::ServerName::try_from(name.clone())
+                        .map_err(|_| format!("`{name}` is not a valid TLS server name"))?;
+                    Some(pool::PoolTls {
+                        connector: tokio_rustls::TlsConnector::from(config),
+                        server_name,
+                    })
+                } else {
+                    None
+                };
+                Transport::H1(H1Pool::new(
+                    authority.clone(),
+                    tls,
+                    key.connect_timeout,
+                    key.pool_idle_timeout,
+                    key.pool_max_idle,
+                ))
+            }
             OriginProtocol::H2 => {
                 let mut http = HttpConnector::new();
                 http.set_connect_timeout(Some(key.connect_timeout));
                 http.set_nodelay(true);
-                http.enforce_http(true);
+                http.enforce_http(false);
+                // No ALPN here: hyper-rustls sets `h2` itself (and refuses a preset list).
+                let config = crate::tls::client_config(key.tls.as_ref(), base_dir, &[])
+                    .map_err(|e| e.to_string())?;
+                let builder = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config((*config).clone())
+                    .https_or_http();
+                let builder = match key.tls.as_ref().and_then(|t| t.server_name.clone()) {
+                    Some(name) => builder.with_server_name_resolver(
+                        hyper_rustls::FixedServerNameResolver::new(
+                            rustls_pki_types::ServerName::try_from(name.clone())
+                                .map_err(|_| format!("`{name}` is not a valid TLS server name"))?,
+                        ),
+                    ),
+                    None => builder,
+                };
+                let connector = builder.enable_http2().wrap_connector(http);
                 Transport::H2(Box::new(
                     Client::builder(TokioExecutor::new())
                         .pool_idle_timeout(key.pool_idle_timeout)
@@ -122,13 +172,13 @@ impl Endpoint {
                         .pool_timer(TokioTimer::new())
                         .timer(TokioTimer::new())
                         .http2_only(true)
-                        .build(http),
+                        .build(connector),
                 ))
             }
         };
         let m = metrics.endpoint(&key.group, authority.as_str(), &cfg.region);
         m.set_healthy(true);
-        Some(Endpoint {
+        Ok(Endpoint {
             authority,
             scheme,
             region: cfg.region.clone(),
@@ -343,10 +393,11 @@ impl std::fmt::Debug for Origins {
 
 /// Why origins could not be built.
 #[derive(Debug, thiserror::Error)]
-#[error("origin `{group}` endpoint `{url}` is not a valid http://host:port URL")]
+#[error("origin `{group}` endpoint `{url}`: {reason}")]
 pub struct OriginBuildError {
     group: String,
     url: String,
+    reason: String,
 }
 
 impl Origins {
@@ -373,12 +424,13 @@ impl Origins {
                 let key = key_for(name, cfg, &ep.url);
                 let endpoint = match reusable.get(&key) {
                     Some(e) if e.region == ep.region && e.location == ep.location => e.clone(),
-                    _ => Arc::new(Endpoint::new(&key, ep, metrics).ok_or_else(|| {
-                        OriginBuildError {
+                    _ => Arc::new(Endpoint::new(&key, ep, &config.base_dir, metrics).map_err(
+                        |reason| OriginBuildError {
                             group: name.clone(),
                             url: ep.url.clone(),
-                        }
-                    })?),
+                            reason,
+                        },
+                    )?),
                 };
                 if let Some(hc) = &cfg.health_check {
                     health::spawn(endpoint.clone(), hc.clone(), cancel.child_token());
@@ -423,5 +475,6 @@ fn key_for(group: &str, cfg: &OriginConfig, url: &str) -> EndpointKey {
         connect_timeout: cfg.connect_timeout,
         pool_idle_timeout: cfg.pool_idle_timeout,
         pool_max_idle: cfg.pool_max_idle_per_endpoint,
+        tls: cfg.tls.clone(),
     }
 }

@@ -47,9 +47,18 @@ struct Idle {
     since: Instant,
 }
 
+/// TLS to an HTTPS endpoint: the connector and the name its certificate must carry.
+pub struct PoolTls {
+    /// rustls connector (roots, client certificate, ALPN `http/1.1`).
+    pub connector: tokio_rustls::TlsConnector,
+    /// SNI and verification name.
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
 /// Idle HTTP/1.1 connections to one endpoint.
 pub struct H1Pool {
     authority: Authority,
+    tls: Option<PoolTls>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -65,15 +74,17 @@ impl std::fmt::Debug for H1Pool {
 }
 
 impl H1Pool {
-    /// A pool for `authority` (`host:port`).
+    /// A pool for `authority` (`host:port`), over TLS when `tls` is given.
     pub fn new(
         authority: Authority,
+        tls: Option<PoolTls>,
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
     ) -> Arc<H1Pool> {
         Arc::new(H1Pool {
             authority,
+            tls,
             connect_timeout,
             idle_timeout,
             max_idle,
@@ -175,16 +186,37 @@ impl H1Pool {
         .map_err(|_| failed(format!("no connection within {:?}", self.connect_timeout)))?
         .map_err(|e| failed(e.to_string()))?;
         let _ = stream.set_nodelay(true);
+        let authority = self.authority.clone();
+        let log = move |e: hyper::Error| {
+            tracing::debug!(endpoint = %authority, error = %e, "Origin connection ended with an error.");
+        };
+        let Some(tls) = &self.tls else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            tokio::spawn(async move { conn.await.map_err(log) });
+            return Ok(sender);
+        };
+        // The TLS handshake counts against the connect timeout too: a failure here also means
+        // nothing was sent.
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tls.connector.connect(tls.server_name.clone(), stream),
+        )
+        .await
+        .map_err(|_| {
+            failed(format!(
+                "no TLS handshake within {:?}",
+                self.connect_timeout
+            ))
+        })?
+        .map_err(|e| failed(format!("TLS handshake failed: {e}")))?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| failed(e.to_string()))?;
-        let authority = self.authority.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %authority, error = %e, "Origin connection ended with an error.");
-            }
-        });
+        tokio::spawn(async move { conn.await.map_err(log) });
         Ok(sender)
     }
 }

@@ -348,3 +348,96 @@ async fn ab_variants_are_sticky_forwarded_and_part_of_the_cache_key() {
     }
     assert!((100..=200).contains(&b), "b got {b} of 300");
 }
+
+/// A CA, and a server and a client certificate it signed.
+fn pki(dir: &std::path::Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, SanType,
+    };
+    // Distinct subject names: OpenSSL (uvicorn) treats a leaf named like its issuer as
+    // self-signed and refuses it.
+    let dn = |cn: &str| {
+        let mut d = DistinguishedName::new();
+        d.push(DnType::CommonName, cn);
+        d
+    };
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.distinguished_name = dn("Outpost test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let server_key = KeyPair::generate().expect("server key");
+    let mut server = CertificateParams::new(vec!["localhost".to_owned()]).expect("server params");
+    server.distinguished_name = dn("localhost");
+    server
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    let server = server
+        .signed_by(&server_key, &ca, &ca_key)
+        .expect("server cert");
+    let client_key = KeyPair::generate().expect("client key");
+    let mut client = CertificateParams::new(vec!["edge.test".to_owned()]).expect("client params");
+    client.distinguished_name = dn("edge.test");
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client
+        .signed_by(&client_key, &ca, &ca_key)
+        .expect("client cert");
+    for (name, pem) in [
+        ("ca.pem", ca.pem()),
+        ("server.pem", server.pem()),
+        ("server.key", server_key.serialize_pem()),
+        ("client.pem", client.pem()),
+        ("client.key", client_key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(name), pem).expect("write pem");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_origins_with_a_private_ca_and_mutual_tls() {
+    let pki_dir = tempfile::tempdir().expect("pki dir");
+    pki(pki_dir.path());
+    let p = |n: &str| pki_dir.path().join(n);
+    let origin = Origin::echo_tls(
+        "us-west",
+        &p("server.pem"),
+        &p("server.key"),
+        Some(&p("ca.pem")),
+    )
+    .await;
+    let url = format!("https://127.0.0.1:{}", origin.addr.port());
+    let endpoint = |group: &str| {
+        format!(
+            "[[origins.{group}.endpoints]]\nurl = \"{url}\"\nregion = \"us-west\"\nlocation = {{ lat = 45.5, lon = -122.7 }}\n"
+        )
+    };
+    let toml = format!(
+        "{}\n[origins.mtls]\ntls = {{ ca_file = \"{ca}\", client_cert = \"{cc}\", client_key = \"{ck}\" }}\n{}\n[origins.nocert]\ntls = {{ ca_file = \"{ca}\" }}\n{}\n[origins.system]\n{}\n[origins.h2]\nprotocol = \"h2\"\ntls = {{ ca_file = \"{ca}\", client_cert = \"{cc}\", client_key = \"{ck}\", server_name = \"localhost\" }}\n{}\n[[routes]]\nname = \"mtls\"\npath_prefix = \"/mtls\"\norigin = \"mtls\"\nstrip_prefix = true\n[[routes]]\nname = \"nocert\"\npath_prefix = \"/nocert\"\norigin = \"nocert\"\nstrip_prefix = true\n[[routes]]\nname = \"system\"\npath_prefix = \"/system\"\norigin = \"system\"\nstrip_prefix = true\n[[routes]]\nname = \"h2\"\npath_prefix = \"/h2\"\norigin = \"h2\"\nstrip_prefix = true\n",
+        NodeConfig::new().render(),
+        endpoint("mtls"),
+        endpoint("nocert"),
+        endpoint("system"),
+        endpoint("h2"),
+        ca = p("ca.pem").display(),
+        cc = p("client.pem").display(),
+        ck = p("client.key").display(),
+    );
+    let node = Node::start_in(tempfile::tempdir().expect("dir"), &toml).await;
+    let c = client();
+
+    let r = c.get(node.url("/mtls/echo/x")).send().await.expect("mtls");
+    assert_eq!(r.status(), 200, "private CA + client certificate");
+    let echo: Value = r.json().await.expect("json");
+    assert_eq!(echo["path"], "/echo/x");
+
+    // uvicorn serves HTTP/1.1 only, so an h2-only client cannot agree on a protocol: a clean
+    // 502, not a hang.
+    let r = c.get(node.url("/h2/echo")).send().await.expect("h2");
+    assert_eq!(r.status(), 502);
+
+    for route in ["/nocert/echo", "/system/echo"] {
+        let r = c.get(node.url(route)).send().await.expect("refused");
+        assert_eq!(r.status(), 502, "{route}: the handshake must fail");
+    }
+}

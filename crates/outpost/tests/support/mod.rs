@@ -99,6 +99,32 @@ impl Origin {
         Origin::spawn(dir, "echo_app:app", region, 0).await
     }
 
+    /// The echo origin over HTTPS (`uvicorn --ssl-*`); with `client_ca`, clients must present
+    /// a certificate it signed (mutual TLS).
+    pub async fn echo_tls(
+        region: &str,
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Origin {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/origin");
+        let mut args: Vec<String> = vec![
+            "--ssl-certfile".into(),
+            cert.display().to_string(),
+            "--ssl-keyfile".into(),
+            key.display().to_string(),
+        ];
+        if let Some(ca) = client_ca {
+            args.extend([
+                "--ssl-ca-certs".into(),
+                ca.display().to_string(),
+                "--ssl-cert-reqs".into(),
+                "2".into(),
+            ]);
+        }
+        Origin::spawn_full(dir, "echo_app:app", region, 0, &[], &args).await
+    }
+
     /// The retail example's central app.
     pub async fn retail(region: &str) -> Origin {
         Origin::retail_with_jwks(region, "http://127.0.0.1:9/unused").await
@@ -127,6 +153,17 @@ impl Origin {
         port: u16,
         env: &[(&str, &str)],
     ) -> Origin {
+        Origin::spawn_full(app_dir, module, region, port, env, &[]).await
+    }
+
+    async fn spawn_full(
+        app_dir: PathBuf,
+        module: &str,
+        region: &str,
+        port: u16,
+        env: &[(&str, &str)],
+        extra_args: &[String],
+    ) -> Origin {
         let db = std::env::temp_dir().join(format!(
             "outpost-test-{}-{}-{}.db",
             region,
@@ -139,6 +176,7 @@ impl Origin {
             .arg(module)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--log-level", "info", "--no-access-log"])
+            .args(extra_args)
             .env("REGION", region)
             .env("SALES_DB", db)
             .envs(env.iter().copied())
@@ -153,7 +191,10 @@ impl Origin {
         let start = Instant::now();
         let addr = loop {
             let found = stderr.all().iter().find_map(|l| {
-                let rest = l.split("Uvicorn running on http://").nth(1)?;
+                let rest = l
+                    .split("Uvicorn running on http://")
+                    .nth(1)
+                    .or_else(|| l.split("Uvicorn running on https://").nth(1))?;
                 rest.split_whitespace().next()?.parse::<SocketAddr>().ok()
             });
             if let Some(a) = found {
