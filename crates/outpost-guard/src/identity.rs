@@ -208,6 +208,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rotation_publishes_the_previous_key_until_it_is_dropped() {
+        let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys");
+        let old = IdentitySigner::from_files(
+            &keys.join("ed.key"),
+            &[] as &[&Path],
+            Duration::from_secs(60),
+        )
+        .expect("old key");
+        let new = IdentitySigner::from_files(
+            &keys.join("ed2.key"),
+            &[keys.join("ed.key")],
+            Duration::from_secs(60),
+        )
+        .expect("new key");
+        assert_ne!(old.kid(), new.kid());
+        let again = IdentitySigner::from_files(
+            &keys.join("ed.key"),
+            &[] as &[&Path],
+            Duration::from_secs(60),
+        )
+        .expect("same file");
+        assert_eq!(
+            old.kid(),
+            again.kid(),
+            "the kid follows the key, not the process"
+        );
+        let in_flight = old.sign("central", Map::new());
+        assert!(
+            verifier(&new, "central")
+                .authenticate(&bearer(&in_flight))
+                .await
+                .is_ok(),
+            "tokens of the previous key verify during the overlap"
+        );
+        let bad = std::env::temp_dir().join(format!("outpost-not-a-key-{}", std::process::id()));
+        std::fs::write(
+            &bad,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        let err = IdentitySigner::from_files(&bad, &[] as &[&Path], Duration::from_secs(60))
+            .expect_err("garbage");
+        assert!(err.to_string().contains("openssl genpkey"), "{err}");
+        let _ = std::fs::remove_file(bad);
+    }
+
+    #[tokio::test]
     async fn signed_identities_verify_against_the_published_jwks() {
         let signer = IdentitySigner::generate(Duration::from_secs(60)).expect("key");
         let mut claims = Map::new();

@@ -30,7 +30,7 @@ use crate::body::{LimitedBody, ObservedBody, ProxyBody, ReplayableBody, boxed, e
 use crate::context::{ConnInfo, RequestContext};
 use crate::error::{ErrorSource, ProxyError};
 use crate::filters::{self, ForwardInfo, Timings};
-use crate::node::{Node, RouteCache, RouteRuntime, Snapshot, VARIANT_HEADER};
+use crate::node::{Node, Rejection, RouteCache, RouteRuntime, Snapshot, VARIANT_HEADER};
 use crate::origin::AttemptError;
 use crate::routing::strip_prefix;
 
@@ -266,13 +266,23 @@ async fn proxy(
             .check(Phase::BeforeAuth, ctx.client_ip, None, req.headers())
         {
             Ok(h) => limit_headers = h,
-            Err(limited) => return (Some(index), Err(ProxyError::RateLimited(limited))),
+            Err(limited) => {
+                route.rejections.record(Rejection::RateLimited as usize);
+                return (Some(index), Err(ProxyError::RateLimited(limited)));
+            }
         }
     }
     let principal = match &route.auth {
         Some(auth) => match auth.authenticate(req.headers()).await {
             Ok(p) => p,
-            Err(e) => return (Some(index), Err(e.into())),
+            Err(e) => {
+                let why = match e {
+                    outpost_guard::AuthError::Forbidden(_) => Rejection::Forbidden,
+                    _ => Rejection::Unauthorized,
+                };
+                route.rejections.record(why as usize);
+                return (Some(index), Err(e.into()));
+            }
         },
         None => None,
     };
@@ -284,7 +294,10 @@ async fn proxy(
         {
             Ok(h) if !h.is_empty() => limit_headers = h,
             Ok(_) => {}
-            Err(limited) => return (Some(index), Err(ProxyError::RateLimited(limited))),
+            Err(limited) => {
+                route.rejections.record(Rejection::RateLimited as usize);
+                return (Some(index), Err(ProxyError::RateLimited(limited)));
+            }
         }
     }
     let variants: Vec<Assignment> = route

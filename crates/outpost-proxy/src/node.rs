@@ -15,7 +15,7 @@ use outpost_guard::jwt::{KeySource, Rules};
 use outpost_guard::keys::{self, Remote, RemoteKeys};
 use outpost_guard::{Authenticator, IdentitySigner};
 use outpost_telemetry::Metrics;
-use outpost_telemetry::metrics::{CacheRouteMetrics, RouteMetrics};
+use outpost_telemetry::metrics::{IndexedCounters, RouteMetrics};
 
 use crate::geo::Locator;
 use crate::origin::{OriginBuildError, OriginGroup, Origins};
@@ -52,6 +52,41 @@ pub struct RouteRuntime {
     pub residency: Vec<String>,
     /// Experiments of the route.
     pub experiments: Vec<Arc<outpost_guard::ab::Experiment>>,
+    /// `outpost_guard_rejections_total{route, reason}`, indexed by [`Rejection`].
+    pub rejections: IndexedCounters,
+}
+
+/// Why a guard refused a request (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No or invalid token (401).
+    Unauthorized,
+    /// Token without the required scope, role or claim (403).
+    Forbidden,
+    /// Over a rate limit (429).
+    RateLimited,
+    /// Country rule (451).
+    Geo,
+}
+
+impl Rejection {
+    /// Every reason, in index order.
+    pub const ALL: [Rejection; 4] = [
+        Rejection::Unauthorized,
+        Rejection::Forbidden,
+        Rejection::RateLimited,
+        Rejection::Geo,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Unauthorized => "unauthorized",
+            Rejection::Forbidden => "forbidden",
+            Rejection::RateLimited => "rate_limited",
+            Rejection::Geo => "geo",
+        }
+    }
 }
 
 fn route_limits(r: &outpost_config::Route) -> Arc<outpost_guard::ratelimit::RateLimits> {
@@ -97,7 +132,7 @@ pub struct RouteCache {
     /// RFC 9111 gaps filled by the route's settings, and its key.
     pub policy: Arc<RoutePolicy>,
     /// `outpost_cache_requests_total{route, status}` handles.
-    pub metrics: CacheRouteMetrics,
+    pub metrics: IndexedCounters,
 }
 
 /// The request header carrying a request's A/B variants to the origin.
@@ -368,6 +403,7 @@ impl Snapshot {
                     deny: g.deny_countries.clone(),
                 }),
                 residency: r.residency.clone(),
+                rejections: metrics.guard_route(&r.name, &Rejection::ALL.map(Rejection::as_str)),
                 experiments: r
                     .experiments
                     .iter()

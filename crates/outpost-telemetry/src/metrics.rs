@@ -167,6 +167,13 @@ pub struct Metrics {
     cache_objects: Family<TierLabels, Gauge>,
     cache_evictions: Family<TierLabels, Counter>,
     cache_purges: Family<KindLabels, Counter>,
+    guard_rejections: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    route: String,
+    reason: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -262,6 +269,12 @@ impl Metrics {
             "Entries removed or marked stale by purge or invalidation, by kind (hard, soft, invalidate, corrupt)",
             cache_purges.clone(),
         );
+        let guard_rejections = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "guard_rejections",
+            "Requests refused by a route's guards, by reason (unauthorized, forbidden, rate_limited, geo)",
+            guard_rejections.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -284,12 +297,28 @@ impl Metrics {
             cache_objects,
             cache_evictions,
             cache_purges,
+            guard_rejections,
+        }
+    }
+
+    /// Per-route guard rejection counters, one per reason, in the caller's order.
+    pub fn guard_route(&self, route: &str, reasons: &[&'static str]) -> IndexedCounters {
+        IndexedCounters {
+            by_status: reasons
+                .iter()
+                .map(|reason| {
+                    self.guard_rejections.get_or_create_owned(&ReasonLabels {
+                        route: route.to_owned(),
+                        reason,
+                    })
+                })
+                .collect(),
         }
     }
 
     /// Per-route cache counters, one per status label, in the caller's label order.
-    pub fn cache_route(&self, route: &str, statuses: &[&'static str]) -> CacheRouteMetrics {
-        CacheRouteMetrics {
+    pub fn cache_route(&self, route: &str, statuses: &[&'static str]) -> IndexedCounters {
+        IndexedCounters {
             by_status: statuses
                 .iter()
                 .map(|status| {
@@ -397,13 +426,14 @@ impl Metrics {
     }
 }
 
-/// Per-route cache counters, indexed like the label list they were made from.
+/// Counters of one route, indexed like the label list they were made from (cache statuses,
+/// guard rejection reasons): resolved once, so a request only indexes an array.
 #[derive(Clone, Debug, Default)]
-pub struct CacheRouteMetrics {
+pub struct IndexedCounters {
     by_status: Vec<Counter>,
 }
 
-impl CacheRouteMetrics {
+impl IndexedCounters {
     /// Counts one request with the status at `index`.
     pub fn record(&self, index: usize) {
         if let Some(c) = self.by_status.get(index) {

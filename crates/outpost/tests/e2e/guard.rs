@@ -220,6 +220,11 @@ async fn rate_limits_country_rules_and_residency() {
     assert!(r.headers().contains_key("ratelimit-policy"));
     let problem: Value = r.json().await.expect("problem json");
     assert_eq!(problem["type"], "urn:outpost:problem:rate-limited");
+    assert_eq!(
+        node.metric("outpost_guard_rejections_total{route=\"limited\",reason=\"rate_limited\"}")
+            .await,
+        1.0
+    );
 
     let from = |country: &'static str| {
         c.get(node.url("/echo/eu"))
