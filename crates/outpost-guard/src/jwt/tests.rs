@@ -489,3 +489,60 @@ proptest! {
         prop_assert!(got.is_err());
     }
 }
+
+#[tokio::test]
+async fn verified_tokens_are_remembered_until_they_expire() {
+    let key = EncodingKey::from_ed_pem(&pem("ed.key")).expect("ed");
+    let auth = Authenticator::new(
+        Rules {
+            required_scopes: vec!["read".into()],
+            leeway: Duration::from_secs(0),
+            ..rules(&[Algorithm::EdDSA])
+        },
+        static_keys(&["ed.pub"]),
+    );
+    let good = sign(
+        Algorithm::EdDSA,
+        &key,
+        None,
+        &claims(json!({"scope": "read"})),
+    );
+    for _ in 0..3 {
+        assert!(check(&auth, &good).await.is_ok());
+    }
+    // The rules still run on remembered tokens.
+    let no_scope = sign(
+        Algorithm::EdDSA,
+        &key,
+        None,
+        &claims(json!({"scope": "write"})),
+    );
+    for _ in 0..2 {
+        assert!(matches!(
+            check(&auth, &no_scope).await,
+            Err(AuthError::Forbidden(_))
+        ));
+    }
+    // A remembered token whose exp passed is checked again, and refused.
+    let short = sign(
+        Algorithm::EdDSA,
+        &key,
+        None,
+        &claims(json!({"exp": now() + 1, "scope": "read"})),
+    );
+    assert!(check(&auth, &short).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        check(&auth, &short).await,
+        Err(AuthError::Invalid("token expired".into()))
+    );
+    // Changing one byte of a remembered token is a different token: verified from scratch.
+    let mut forged = good.clone().into_bytes();
+    let last = forged.len() - 2;
+    forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).expect("ascii");
+    assert!(matches!(
+        check(&auth, &forged).await,
+        Err(AuthError::Invalid(_))
+    ));
+}
