@@ -18,15 +18,7 @@ use support::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-fn header_of<'a>(echo: &'a Value, name: &str) -> Vec<&'a str> {
-    echo["headers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|h| h[0] == name)
-        .filter_map(|h| h[1].as_str())
-        .collect()
-}
+use support::echoed as header_of;
 
 async fn one_origin_node(extra_route: &str) -> (Origin, Node) {
     let origin = Origin::echo("us-west").await;

@@ -6,19 +6,6 @@ use super::support::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// Requests `/cache/{name}` received by the origin, any method.
-async fn origin_count(origin: &Origin, name: &str) -> u64 {
-    let v: serde_json::Value = client()
-        .get(format!("{}/control/count/{name}", origin.url()))
-        .send()
-        .await
-        .expect("count")
-        .json()
-        .await
-        .expect("json");
-    v["n"].as_u64().unwrap_or(0)
-}
-
 fn cache_status(r: &reqwest::Response) -> String {
     r.headers()
         .get("cache-status")
@@ -59,7 +46,7 @@ async fn hits_revalidation_vary_head_and_invalidation_against_fastapi() {
         cache_status(&second)
     );
     assert!(second.headers().contains_key("age"));
-    assert_eq!(origin_count(&origin, "doc").await, 1);
+    assert_eq!(origin.cache_count("doc").await, 1);
 
     // Once stale (max-age=2), the node revalidates with If-None-Match and FastAPI answers 304.
     eventually("a revalidation", SECS(10), || {
@@ -71,7 +58,7 @@ async fn hits_revalidation_vary_head_and_invalidation_against_fastapi() {
         }
     })
     .await;
-    assert_eq!(origin_count(&origin, "doc").await, 2);
+    assert_eq!(origin.cache_count("doc").await, 2);
 
     // A client's own validator gets a 304 from the edge.
     let conditional = c
@@ -98,7 +85,7 @@ async fn hits_revalidation_vary_head_and_invalidation_against_fastapi() {
         let body: serde_json::Value = r.json().await.expect("json");
         assert_eq!(body["lang"], lang);
     }
-    assert_eq!(origin_count(&origin, "lang").await, 2);
+    assert_eq!(origin.cache_count("lang").await, 2);
 
     // A successful POST to the URL invalidates it.
     let post = c.post(&url).send().await.expect("post");
@@ -122,15 +109,7 @@ async fn hits_revalidation_vary_head_and_invalidation_against_fastapi() {
         .json()
         .await
         .expect("json");
-    let seen = |name: &str| -> Vec<String> {
-        echo["headers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|h| h[0] == name)
-            .filter_map(|h| h[1].as_str().map(str::to_owned))
-            .collect()
-    };
+    let seen = |name: &str| echoed(&echo, name);
     assert_eq!(seen("x-forwarded-for"), ["127.0.0.1"]);
     assert_eq!(seen("via"), ["1.1 test-node"]);
     assert!(seen("x-outpost-identity").is_empty());
@@ -166,7 +145,7 @@ async fn a_thousand_concurrent_misses_reach_the_origin_once() {
         assert_eq!(t.await.expect("task"), (200, Some(1)));
     }
     assert_eq!(
-        origin_count(&origin, "hot").await,
+        origin.cache_count("hot").await,
         1,
         "exactly one origin request"
     );
@@ -240,7 +219,7 @@ async fn purge_by_tag_prefix_and_url_through_the_cli_and_admin_api() {
         let r = c.get(node.url(path)).send().await.expect("after");
         r.bytes().await.expect("body");
         let expect = if name == "p3" { 1 } else { 2 };
-        assert_eq!(origin_count(&origin, name).await, expect, "{name}");
+        assert_eq!(origin.cache_count(name).await, expect, "{name}");
     }
     // Soft purge by prefix: stale now, but still served while revalidating in the background
     // when the route allows stale-while-revalidate; here (no SWR) the next request revalidates.
@@ -323,5 +302,5 @@ async fn disk_tier_survives_a_restart() {
         "{}",
         cache_status(&r)
     );
-    assert_eq!(origin_count(&origin, "durable").await, 1);
+    assert_eq!(origin.cache_count("durable").await, 1);
 }

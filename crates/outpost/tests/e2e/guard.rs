@@ -26,15 +26,7 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn seen<'a>(echo: &'a Value, name: &str) -> Vec<&'a str> {
-    echo["headers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|h| h[0] == name)
-        .filter_map(|h| h[1].as_str())
-        .collect()
-}
+use super::support::echoed as seen;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn jwt_at_the_edge_and_signed_identity_to_the_origin() {
@@ -321,15 +313,11 @@ async fn ab_variants_are_sticky_forwarded_and_part_of_the_cache_key() {
             .expect("cached");
         r.bytes().await.expect("body");
     }
-    let count: Value = client()
-        .get(format!("{}/control/count/ab", origin.url()))
-        .send()
-        .await
-        .expect("count")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(count["n"], 2, "one origin fetch per variant");
+    assert_eq!(
+        origin.cache_count("ab").await,
+        2,
+        "one origin fetch per variant"
+    );
 
     // New clients (distinct addresses through a trusted proxy) split about evenly.
     let mut b = 0;

@@ -249,6 +249,19 @@ impl Origin {
         *self = again;
     }
 
+    /// Requests `/cache/{name}` of the echo app received, any method.
+    pub async fn cache_count(&self, name: &str) -> u64 {
+        let v: serde_json::Value = client()
+            .get(format!("{}/control/count/{name}", self.url()))
+            .send()
+            .await
+            .expect("count")
+            .json()
+            .await
+            .expect("json");
+        v["n"].as_u64().unwrap_or(0)
+    }
+
     /// `/slow` requests the echo app is sleeping on right now: proof a request is in flight.
     pub async fn slow_in_flight(&self) -> u64 {
         let hits: serde_json::Value = client()
@@ -624,4 +637,15 @@ pub async fn h2_origin() -> SocketAddr {
         }
     });
     addr
+}
+
+/// The values of header `name` in an echo app's description of a request, in order.
+pub fn echoed<'a>(echo: &'a serde_json::Value, name: &str) -> Vec<&'a str> {
+    echo["headers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| h[0] == name)
+        .filter_map(|h| h[1].as_str())
+        .collect()
 }
