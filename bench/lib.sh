@@ -28,6 +28,8 @@
 #
 # Set by a script, not by the environment (see bench_wrk and bench_measure):
 #   BENCH_WRK_SCRIPT, BENCH_WRK_SCRIPT_ARGS   a wrk Lua script (-s) and its arguments
+#   BENCH_WRK_EXTRA_ARGS                      more wrk options (an array), e.g.
+#                                             (-H "Authorization: Bearer $token")
 #   BENCH_PRE_RUN, BENCH_POST_RUN             commands run just before / just after the
 #                                             measured run (BENCH_POST_RUN_JSON: extra fields)
 
@@ -53,6 +55,7 @@ BENCH_RESULTS_FILE=""
 BENCH_CLK_TCK=""
 BENCH_WRK_SCRIPT=""      # wrk -s SCRIPT for every run, if set
 BENCH_WRK_SCRIPT_ARGS=() # arguments after `--`, which the script's init(args) gets
+BENCH_WRK_EXTRA_ARGS=()  # more wrk options for every run (-H "Name: value", ...), if set
 BENCH_PRE_RUN=""         # see bench_measure
 BENCH_POST_RUN=""
 BENCH_POST_RUN_JSON=""
@@ -290,7 +293,8 @@ bench_to_us() {
 
 # bench_wrk OUTFILE URL [DURATION]: one wrk run, pinned to $BENCH_CLIENT_CPU, with --latency
 # (and -s "$BENCH_WRK_SCRIPT" -- "${BENCH_WRK_SCRIPT_ARGS[@]}" when a script is set: the URL
-# then gives the host and port, the script may choose the paths); raw output in OUTFILE.
+# then gives the host and port, the script may choose the paths) and the options in
+# "${BENCH_WRK_EXTRA_ARGS[@]}" (request headers, say); raw output in OUTFILE.
 # Sets BENCH_WRK_REQUESTS, BENCH_WRK_RPS, BENCH_WRK_P50_US, BENCH_WRK_P99_US,
 # BENCH_WRK_ELAPSED_S, BENCH_WRK_ERRORS (socket errors) and BENCH_WRK_NON2XX. Returns 1 if wrk failed or its output could not be read.
 bench_wrk() {
@@ -304,7 +308,7 @@ bench_wrk() {
     # In the background and waited for, so that a signal to the script is handled at once
     # (bash runs traps only after a foreground command returns) and cleanup stops wrk too.
     taskset -c "$BENCH_CLIENT_CPU" wrk -t"$BENCH_THREADS" -c"$BENCH_CONNECTIONS" \
-        -d"$duration" --latency "${script[@]}" "$url" "${script_args[@]}" >"$out" 2>&1 </dev/null &
+        -d"$duration" --latency "${script[@]}" "${BENCH_WRK_EXTRA_ARGS[@]}" "$url" "${script_args[@]}" >"$out" 2>&1 </dev/null &
     BENCH_WRK_PID=$!
     local rc=0
     wait "$BENCH_WRK_PID" || rc=$?
@@ -477,19 +481,24 @@ bench_add_skipped() {
     BENCH_ROWS+=("$(printf '%s\tskipped: %s' "$1" "$2")")
 }
 
-# bench_print_table: the rows so far, aligned.
+# bench_print_table: the rows so far, aligned (the target column is 10 wide, or as wide as
+# the longest target name).
 bench_print_table() {
-    local row
+    local row w=10
     local -a c
+    for row in "${BENCH_ROWS[@]}"; do
+        row=${row%%$'\t'*}
+        ((${#row} <= w)) || w=${#row}
+    done
     # Widths of the headers with a µ are one more: printf counts bytes, µ is two.
-    printf '%-10s %10s %10s %10s %10s %13s %7s %7s %8s\n' \
+    printf "%-${w}s %10s %10s %10s %10s %13s %7s %7s %8s\n" \
         target requests req/s 'p50 µs' 'p99 µs' 'CPU-µs/req' 'CPU %' errors 'other %'
     for row in "${BENCH_ROWS[@]}"; do
         IFS=$'\t' read -r -a c <<<"$row"
         if [[ ${c[1]} == skipped:* ]]; then
-            printf '%-10s %s\n' "${c[0]}" "${c[1]}"
+            printf "%-${w}s %s\n" "${c[0]}" "${c[1]}"
         else
-            printf '%-10s %10s %10.0f %9.0f %9.0f %12.2f %7.1f %7s %8.1f\n' "${c[@]}"
+            printf "%-${w}s %10s %10.0f %9.0f %9.0f %12.2f %7.1f %7s %8.1f\n" "${c[@]}"
         fi
     done
 }
