@@ -133,6 +133,19 @@ enum FlightEnd {
     Pass,
 }
 
+/// One request's context as it moves through the forward path (coalescing, fetch, storing).
+struct Ask<U> {
+    key: CacheKey,
+    policy: Arc<RoutePolicy>,
+    /// The request as it would go to the origin.
+    headers: HeaderMap,
+    /// The edge authenticated the caller (see [`CacheRequest::authenticated`]).
+    authenticated: bool,
+    upstream: Arc<U>,
+    /// A HEAD: answered without a body.
+    head: bool,
+}
+
 /// Holding this means "my fetch for `key` is the one others wait for".
 struct FlightGuard {
     inner: Arc<Inner>,
@@ -251,19 +264,15 @@ impl Cache {
                     result,
                 };
             }
-            return inner
-                .clone()
-                .coalesced(
-                    key,
-                    policy.clone(),
-                    headers,
-                    authenticated,
-                    upstream,
-                    None,
-                    fwd,
-                    head,
-                )
-                .await;
+            let ask = Ask {
+                key,
+                policy: policy.clone(),
+                headers,
+                authenticated,
+                upstream,
+                head,
+            };
+            return inner.clone().coalesced(ask, None, fwd).await;
         };
 
         match policy::reuse(
@@ -284,11 +293,14 @@ impl Cache {
             }
             Reuse::StaleWhileRevalidate => {
                 inner.clone().refresh_in_background(
-                    key,
-                    policy.clone(),
-                    headers.clone(),
-                    authenticated,
-                    upstream,
+                    Ask {
+                        key,
+                        policy: policy.clone(),
+                        headers: headers.clone(),
+                        authenticated,
+                        upstream,
+                        head: false,
+                    },
                     obj.clone(),
                 );
                 let mut st = CacheStatus::hit(stale_ttl(&obj, now));
@@ -303,19 +315,15 @@ impl Cache {
                     ValidateWhy::Stale => Fwd::Stale,
                     ValidateWhy::Request => Fwd::Request,
                 };
-                inner
-                    .clone()
-                    .coalesced(
-                        key,
-                        policy.clone(),
-                        headers,
-                        authenticated,
-                        upstream,
-                        Some(obj),
-                        fwd,
-                        head,
-                    )
-                    .await
+                let ask = Ask {
+                    key,
+                    policy: policy.clone(),
+                    headers,
+                    authenticated,
+                    upstream,
+                    head,
+                };
+                inner.clone().coalesced(ask, Some(obj), fwd).await
             }
         }
     }
@@ -549,21 +557,22 @@ impl Inner {
     }
 
     /// A forward that concurrent requests for the same key share.
-    #[expect(clippy::too_many_arguments, reason = "one request's whole context")]
     async fn coalesced<U: Upstream>(
         self: Arc<Self>,
-        key: CacheKey,
-        policy: Arc<RoutePolicy>,
-        headers: HeaderMap,
-        authenticated: bool,
-        upstream: Arc<U>,
+        ask: Ask<U>,
         stale: Option<Arc<Object>>,
         fwd: Fwd,
-        head: bool,
     ) -> Handled<U::Error> {
+        let Ask {
+            key,
+            policy,
+            headers,
+            head,
+            ..
+        } = &ask;
         let deadline = tokio::time::Instant::now() + policy.lock_timeout;
         let guard = loop {
-            let mut rx = match self.join(&key) {
+            let mut rx = match self.join(key) {
                 Flight::Leader(g) => break Some(g),
                 Flight::Follower(rx) => rx,
             };
@@ -579,9 +588,9 @@ impl Inner {
                 Ok(Err(_)) => continue,
             };
             if end == FlightEnd::Stored
-                && let (Some(obj), _) = self.lookup(&key, &headers).await
+                && let (Some(obj), _) = self.lookup(key, headers).await
             {
-                let req_dirs = RequestDirectives::from_headers(&headers);
+                let req_dirs = RequestDirectives::from_headers(headers);
                 let now = self.now();
                 let reuse = policy::reuse(
                     &obj.fresh,
@@ -594,53 +603,22 @@ impl Inner {
                     let mut st = CacheStatus::fwd(fwd);
                     st.collapsed = true;
                     st.ttl = Some(obj.fresh.ttl(now));
-                    return self.serve(&obj, &headers, head, CacheOutcome::Hit, st);
+                    return self.serve(&obj, headers, *head, CacheOutcome::Hit, st);
                 }
             }
             // Not storable, or the stored answer does not fit this request: go ourselves.
             break None;
         };
-        self.fetch(
-            key,
-            policy,
-            headers,
-            authenticated,
-            upstream,
-            stale,
-            fwd,
-            head,
-            guard,
-        )
-        .await
+        self.fetch(ask, stale, fwd, guard).await
     }
 
     /// Starts one background refresh of `stale` unless one is already running for the key.
-    fn refresh_in_background<U: Upstream>(
-        self: Arc<Self>,
-        key: CacheKey,
-        policy: Arc<RoutePolicy>,
-        headers: HeaderMap,
-        authenticated: bool,
-        upstream: Arc<U>,
-        stale: Arc<Object>,
-    ) {
-        let Flight::Leader(guard) = self.join(&key) else {
+    fn refresh_in_background<U: Upstream>(self: Arc<Self>, ask: Ask<U>, stale: Arc<Object>) {
+        let Flight::Leader(guard) = self.join(&ask.key) else {
             return;
         };
         tokio::spawn(async move {
-            let handled = self
-                .fetch(
-                    key,
-                    policy,
-                    headers,
-                    authenticated,
-                    upstream,
-                    Some(stale),
-                    Fwd::Stale,
-                    false,
-                    Some(guard),
-                )
-                .await;
+            let handled = self.fetch(ask, Some(stale), Fwd::Stale, Some(guard)).await;
             if let Ok(resp) = handled.result {
                 body::drain(resp.into_body()).await;
             }
@@ -648,19 +626,15 @@ impl Inner {
     }
 
     /// Forwards to the origin (conditionally when `stale` is given) and stores what it may.
-    #[expect(clippy::too_many_arguments, reason = "one request's whole context")]
     async fn fetch<U: Upstream>(
         self: Arc<Self>,
-        key: CacheKey,
-        policy: Arc<RoutePolicy>,
-        headers: HeaderMap,
-        authenticated: bool,
-        upstream: Arc<U>,
+        ask: Ask<U>,
         mut stale: Option<Arc<Object>>,
         fwd: Fwd,
-        head: bool,
         guard: Option<FlightGuard>,
     ) -> Handled<U::Error> {
+        let (headers, head, policy, upstream) =
+            (&ask.headers, ask.head, &ask.policy, &ask.upstream);
         let mut st = CacheStatus::fwd(fwd);
         let mut origin_headers = headers.clone();
         for name in &CLIENT_CONDITIONALS {
@@ -706,7 +680,7 @@ impl Inner {
                 {
                     st.detail = Some("stale-if-error");
                     st.ttl = Some(stale_ttl(&obj, response_time));
-                    return self.serve(&obj, &headers, head, CacheOutcome::Stale, st);
+                    return self.serve(&obj, headers, head, CacheOutcome::Stale, st);
                 }
                 return Handled {
                     outcome: CacheOutcome::Miss,
@@ -720,13 +694,13 @@ impl Inner {
 
         if let Some(obj) = &stale {
             if status == StatusCode::NOT_MODIFIED {
-                let updated = obj.freshen(resp.headers(), request_time, response_time, &policy);
+                let updated = obj.freshen(resp.headers(), request_time, response_time, policy);
                 self.store.put(updated.clone());
                 if let Some(g) = guard {
                     g.finish(FlightEnd::Stored);
                 }
                 st.ttl = Some(updated.fresh.ttl(response_time));
-                return self.serve(&updated, &headers, head, CacheOutcome::Revalidated, st);
+                return self.serve(&updated, headers, head, CacheOutcome::Revalidated, st);
             }
             if matches!(status.as_u16(), 500 | 502 | 503 | 504)
                 && obj.fresh.usable_on_error(response_time)
@@ -736,39 +710,31 @@ impl Inner {
                 }
                 st.detail = Some("stale-if-error");
                 st.ttl = Some(stale_ttl(obj, response_time));
-                return self.serve(obj, &headers, head, CacheOutcome::Stale, st);
+                return self.serve(obj, headers, head, CacheOutcome::Stale, st);
             }
         }
-        self.admit(
-            resp,
-            key,
-            &policy,
-            &headers,
-            authenticated,
-            request_time,
-            response_time,
-            st,
-            stale,
-            guard,
-        )
+        self.admit(resp, ask, (request_time, response_time), st, stale, guard)
     }
 
     /// Decides whether a full origin response is stored and returns it to the client,
     /// streaming it into storage when it is.
-    #[expect(clippy::too_many_arguments, reason = "one response's whole context")]
-    fn admit<E>(
+    fn admit<U: Upstream>(
         self: &Arc<Self>,
         resp: Response<Body>,
-        key: CacheKey,
-        policy: &Arc<RoutePolicy>,
-        request: &HeaderMap,
-        authenticated: bool,
-        request_time: SystemTime,
-        response_time: SystemTime,
+        ask: Ask<U>,
+        (request_time, response_time): (SystemTime, SystemTime),
         mut st: CacheStatus,
         stale: Option<Arc<Object>>,
         guard: Option<FlightGuard>,
-    ) -> Handled<E> {
+    ) -> Handled<U::Error> {
+        let Ask {
+            key,
+            policy,
+            headers: request,
+            authenticated,
+            ..
+        } = ask;
+        let (policy, request) = (&policy, &request);
         let (mut parts, body) = resp.into_parts();
         if !parts.headers.contains_key(DATE) {
             parts

@@ -304,7 +304,7 @@ async fn proxy(
         .experiments
         .iter()
         .map(|e| {
-            let pinned = cookie(req.headers(), &e.cookie);
+            let pinned = outpost_cache::key::cookie_value(req.headers(), &e.cookie);
             let sub = principal.as_ref().and_then(|p| p.sub.as_deref());
             e.assign(pinned, sub, ctx.client_ip)
         })
@@ -339,18 +339,6 @@ struct Guarded<'a> {
     principal: Option<Principal>,
     /// One variant per experiment of the route.
     variants: &'a [Assignment],
-}
-
-/// One cookie's value.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|p| p.trim().split_once('='))
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v)
 }
 
 /// The node's public identity keys, for origins verifying `x-outpost-identity`.
