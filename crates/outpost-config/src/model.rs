@@ -50,6 +50,12 @@ pub struct Config {
     /// A/B experiments; routes name the ones they take part in.
     #[serde(default)]
     pub experiments: Vec<Experiment>,
+    /// The node's local store (KV, CRDTs) under `[node] data_dir`.
+    #[serde(default)]
+    pub state: State,
+    /// Joining a fleet over NATS JetStream; absent = the node works alone on its local store.
+    #[serde(default)]
+    pub fleet: Option<Fleet>,
     /// Directory of the config file, for resolving relative paths; not part of the TOML.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -80,6 +86,105 @@ pub struct Node {
     /// single-threaded event loop (no cross-thread scheduling), like one nginx worker.
     #[serde(default)]
     pub workers: usize,
+    /// Directory for what the node must not forget (the SQLite store); relative to the config
+    /// file. Give every node its own.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("outpost-data")
+}
+
+/// Local store settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// How long deleted and expired keys are remembered so that a late, older write cannot
+    /// bring them back; a node offline longer than this should be wiped before rejoining.
+    #[serde(default = "default_tombstone_ttl", with = "humantime_serde")]
+    pub tombstone_ttl: Duration,
+    /// Largest KV value (and register or map value).
+    #[serde(default = "default_max_value_size")]
+    pub max_value_size: ByteSize,
+    /// How often expired keys are swept into tombstones.
+    #[serde(default = "default_sweep_interval", with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            tombstone_ttl: default_tombstone_ttl(),
+            max_value_size: default_max_value_size(),
+            sweep_interval: default_sweep_interval(),
+        }
+    }
+}
+
+fn default_tombstone_ttl() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_max_value_size() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_sweep_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The fleet backbone: a NATS server with JetStream (usually the site's leaf node).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fleet {
+    /// Server URLs, comma-separated: `nats://host:4222` or `tls://host:4222`.
+    pub nats: String,
+    /// NATS credentials file (JWT + nkey seed), relative to the config file.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// File holding a NATS auth token (first line), relative to the config file.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// TLS to the NATS server.
+    #[serde(default)]
+    pub tls: Option<FleetTls>,
+    /// How long the replication stream keeps deltas; a node away longer catches up from
+    /// snapshots (anti-entropy) instead.
+    #[serde(default = "default_delta_retention", with = "humantime_serde")]
+    pub delta_retention: Duration,
+    /// How often changed objects are re-published in full for anti-entropy.
+    #[serde(default = "default_snapshot_interval", with = "humantime_serde")]
+    pub snapshot_interval: Duration,
+    /// JetStream replicas for the fleet's streams (1 for one server, 3 for a cluster).
+    #[serde(default = "default_stream_replicas")]
+    pub stream_replicas: usize,
+    /// Apply cache invalidations published by the center on `outpost.invalidate`.
+    #[serde(default = "yes")]
+    pub invalidations: bool,
+}
+
+/// TLS settings for the NATS connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetTls {
+    /// PEM CA bundle that signs the server's certificate.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+fn default_delta_retention() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_snapshot_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_stream_replicas() -> usize {
+    1
 }
 
 /// One public listener.
@@ -391,6 +496,10 @@ pub struct Route {
     /// Remove the prefix before forwarding (and send `X-Forwarded-Prefix`).
     #[serde(default)]
     pub strip_prefix: bool,
+    /// Origin group for unsafe methods (POST, PUT, PATCH, DELETE …): reads are served near
+    /// the user (edge cache, regional replicas in `origin`), writes go to the center.
+    #[serde(default)]
+    pub write_origin: Option<String>,
     /// Response timeout for this route, overriding the origin group's.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,

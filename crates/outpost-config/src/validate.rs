@@ -146,6 +146,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_experiments(&mut c, config);
     check_internal_headers(&mut c, config);
     check_origin_tls(&mut c, config);
+    check_fleet(&mut c, config);
     c.problems
 }
 
@@ -753,6 +754,20 @@ fn check_routes(c: &mut Checker, config: &Config) {
                 Some(help),
             );
         }
+        if let Some(w) = &r.write_origin
+            && !config.origins.contains_key(w)
+        {
+            let help = match did_you_mean(w, &origin_names) {
+                Some(best) => format!("did you mean `{best}`?"),
+                None => format!("defined origins: {}", origin_names.join(", ")),
+            };
+            c.report(
+                path(&[&"routes", &i, &"write_origin"]),
+                format!("route `{}` sends writes to unknown origin `{w}`", r.name),
+                "no such origin",
+                Some(help),
+            );
+        }
         if !r.path_prefix.starts_with('/') {
             c.report(
                 path(&[&"routes", &i, &"path_prefix"]),
@@ -805,5 +820,75 @@ fn normalise_prefix(p: &str) -> String {
         "/".to_owned()
     } else {
         trimmed.to_owned()
+    }
+}
+
+fn check_fleet(c: &mut Checker, config: &Config) {
+    if config.state.max_value_size.as_u64() == 0 {
+        c.report(
+            path(&[&"state", &"max_value_size"]),
+            "max_value_size must be positive".to_owned(),
+            "zero",
+            Some("e.g. \"1 MiB\"".to_owned()),
+        );
+    }
+    if config.state.sweep_interval.is_zero() {
+        c.report(
+            path(&[&"state", &"sweep_interval"]),
+            "sweep_interval must be positive".to_owned(),
+            "zero",
+            Some("e.g. \"30s\"".to_owned()),
+        );
+    }
+    let Some(f) = &config.fleet else { return };
+    for url in f.nats.split(',').map(str::trim) {
+        let ok = url.split_once("://").is_some_and(|(scheme, rest)| {
+            matches!(scheme, "nats" | "tls" | "ws" | "wss") && !rest.is_empty()
+        });
+        if !ok {
+            c.report(
+                path(&[&"fleet", &"nats"]),
+                format!("`{url}` is not a NATS server URL"),
+                "expected nats://host:port",
+                Some("e.g. \"nats://127.0.0.1:4222\" or \"tls://nats.example.com:4222\"; separate several with commas".to_owned()),
+            );
+        }
+    }
+    if f.credentials_file.is_some() && f.token_file.is_some() {
+        c.report(
+            path(&[&"fleet", &"token_file"]),
+            "both credentials_file and token_file are set".to_owned(),
+            "pick one",
+            Some(
+                "NATS authenticates a connection one way; keep the one your server expects"
+                    .to_owned(),
+            ),
+        );
+    }
+    if let Some(t) = &f.tls
+        && t.client_cert.is_some() != t.client_key.is_some()
+    {
+        c.report(
+            path(&[&"fleet", &"tls"]),
+            "client_cert and client_key go together".to_owned(),
+            "half a client identity",
+            Some("set both (PEM certificate and its private key) or neither".to_owned()),
+        );
+    }
+    if !(1..=5).contains(&f.stream_replicas) {
+        c.report(
+            path(&[&"fleet", &"stream_replicas"]),
+            format!("stream_replicas = {} is out of range", f.stream_replicas),
+            "1 to 5",
+            Some("JetStream keeps 1 to 5 copies; use 3 on a 3-server cluster".to_owned()),
+        );
+    }
+    if f.snapshot_interval < std::time::Duration::from_secs(1) {
+        c.report(
+            path(&[&"fleet", &"snapshot_interval"]),
+            "snapshot_interval is shorter than a second".to_owned(),
+            "too short",
+            Some("snapshots re-send whole objects; \"30s\" is a good start".to_owned()),
+        );
     }
 }
