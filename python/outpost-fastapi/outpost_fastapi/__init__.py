@@ -13,6 +13,19 @@ header; :class:`OutpostIdentity` checks it against the edge's JWKS and hands the
     @app.get("/me")
     async def me(identity: EdgeIdentity = Depends(edge)):
         return {"sub": identity.sub, "country": identity.country}
+
+:class:`Invalidator` (the ``nats`` extra) tells the edge fleet to drop cached responses, over
+NATS JetStream::
+
+    from fastapi import Request
+    from outpost_fastapi import invalidator_lifespan
+
+    app = FastAPI(lifespan=invalidator_lifespan("nats://nats.internal:4222", source="catalog"))
+
+    @app.put("/products/{pid}")
+    async def update_product(pid: int, request: Request):
+        ...
+        await request.app.state.invalidator.purge(tags=[f"product:{pid}"])
 """
 
 from ._dependency import (
@@ -24,6 +37,7 @@ from ._dependency import (
     require_scope,
 )
 from ._identity import ClaimError, EdgeIdentity
+from ._invalidate import InvalidationError, Invalidator, invalidator_lifespan
 from ._jwks import JWKSCache, JWKSError, JWKSUnavailable, UnknownKeyId, parse_jwks
 
 JWKS_PATH = "/.well-known/outpost/jwks.json"
@@ -37,11 +51,14 @@ __all__ = [
     "ClaimError",
     "EdgeIdentity",
     "IdentityError",
+    "InvalidationError",
+    "Invalidator",
     "JWKSCache",
     "JWKSError",
     "JWKSUnavailable",
     "OutpostIdentity",
     "UnknownKeyId",
+    "invalidator_lifespan",
     "parse_jwks",
     "require_role",
     "require_scope",
