@@ -147,6 +147,10 @@ pub struct Fleet {
     /// TLS to the NATS server.
     #[serde(default)]
     pub tls: Option<FleetTls>,
+    /// JetStream domain of the hub, when the node talks to a site's leaf node whose own
+    /// server has no JetStream (the hub's `jetstream { domain = … }`).
+    #[serde(default)]
+    pub jetstream_domain: Option<String>,
     /// How long the replication stream keeps deltas; a node away longer catches up from
     /// snapshots (anti-entropy) instead.
     #[serde(default = "default_delta_retention", with = "humantime_serde")]

@@ -1,1 +1,192 @@
-//! Fleet.
+//! Outpost's fleet backbone: NATS JetStream carries every node's state changes to every other
+//! node, keeps them for nodes that are away, and brings the center's cache invalidations.
+//!
+//! # Layout
+//! - [`connect`]: the NATS connection (credentials, token, TLS), started even when the server is
+//!   down — a node without NATS keeps serving from its local store and catches up later.
+//! - [`streams`]: the three streams and their settings (one source of truth for names).
+//! - [`replication`]: the publisher (drains the store's replication log into `OUTPOST_DELTAS`,
+//!   confirmed by JetStream before it is forgotten locally), the applier (a durable consumer per
+//!   node, so a node that was away resumes where it stopped) and anti-entropy (each replica's
+//!   latest full state per object in `OUTPOST_SNAPSHOTS`, read at start and after every
+//!   reconnect, which repairs whatever the delta stream no longer holds).
+//! - [`invalidate`]: the center's purges (`outpost.invalidate`) handed to the node's cache.
+//!
+//! Nothing here is a home-made gossip protocol: ordering, retention, redelivery and durability
+//! are JetStream's; merges are the CRDTs' (commutative, associative, idempotent), so duplicates
+//! and any delivery order are harmless.
+
+pub mod connect;
+pub mod invalidate;
+pub mod replication;
+pub mod streams;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use outpost_state::Store;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use invalidate::Invalidation;
+
+/// Errors that stop the fleet from starting (the node then refuses to start: a bad fleet config
+/// is a config error, not something to discover later).
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// A credentials, token or TLS file could not be read.
+    #[error("cannot read {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The NATS client refused the options (bad URL, bad credentials file).
+    #[error("NATS connection settings: {0}; check [fleet] nats and the credentials")]
+    Connect(String),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] outpost_state::StoreError),
+}
+
+/// Everything the fleet needs from the config, resolved (paths absolute, token read).
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// This node's id (names its durable consumers).
+    pub node_id: String,
+    /// Server URLs, comma-separated.
+    pub servers: String,
+    /// NATS credentials file.
+    pub credentials_file: Option<PathBuf>,
+    /// NATS token.
+    pub token: Option<String>,
+    /// CA bundle for TLS to NATS.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key for TLS to NATS.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+    /// JetStream domain of the hub (through a leaf node).
+    pub jetstream_domain: Option<String>,
+    /// Retention of the delta stream.
+    pub delta_retention: Duration,
+    /// How often changed objects are re-published in full.
+    pub snapshot_interval: Duration,
+    /// JetStream replicas of the streams.
+    pub stream_replicas: usize,
+    /// Whether to consume the center's invalidations.
+    pub invalidations: bool,
+}
+
+/// Live counters of the fleet link, for `/state/fleet` and metrics.
+#[derive(Debug, Default)]
+pub struct FleetStatus {
+    /// Whether the NATS connection is up.
+    pub connected: AtomicBool,
+    /// Local changes confirmed by JetStream.
+    pub published: AtomicU64,
+    /// Remote changes that changed something here.
+    pub applied: AtomicU64,
+    /// Remote changes received (including duplicates and no-ops).
+    pub received: AtomicU64,
+    /// Invalidations received from the center.
+    pub invalidations: AtomicU64,
+    /// Anti-entropy rounds completed (snapshot stream read to the end).
+    pub anti_entropy_rounds: AtomicU64,
+    /// Full-state snapshots published.
+    pub snapshots_published: AtomicU64,
+    /// Snapshot rounds finished (one per `snapshot_interval`, even with nothing to send): a
+    /// round that starts after a write has published it.
+    pub snapshot_rounds: AtomicU64,
+}
+
+impl FleetStatus {
+    /// A JSON view for the admin API.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "connected": self.connected.load(Ordering::Relaxed),
+            "published": self.published.load(Ordering::Relaxed),
+            "received": self.received.load(Ordering::Relaxed),
+            "applied": self.applied.load(Ordering::Relaxed),
+            "invalidations": self.invalidations.load(Ordering::Relaxed),
+            "anti_entropy_rounds": self.anti_entropy_rounds.load(Ordering::Relaxed),
+            "snapshots_published": self.snapshots_published.load(Ordering::Relaxed),
+            "snapshot_rounds": self.snapshot_rounds.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// A running fleet link.
+pub struct Fleet {
+    /// Counters, shared with the tasks.
+    pub status: Arc<FleetStatus>,
+    client: async_nats::Client,
+}
+
+impl Fleet {
+    /// Connects (in the background if the server is down) and starts replication, anti-entropy
+    /// and, when enabled, invalidations (sent to `invalidations`). Everything stops on `stop`.
+    pub async fn start(
+        options: FleetOptions,
+        store: Store,
+        invalidations: mpsc::Sender<Invalidation>,
+        stop: CancellationToken,
+    ) -> Result<Fleet, FleetError> {
+        let status = Arc::new(FleetStatus::default());
+        let (reconnects_tx, reconnects) = tokio::sync::watch::channel(0u64);
+        let client = connect::connect(&options, status.clone(), reconnects_tx).await?;
+        let js = match &options.jetstream_domain {
+            Some(domain) => async_nats::jetstream::with_domain(client.clone(), domain),
+            None => async_nats::jetstream::new(client.clone()),
+        };
+        let link = replication::Link {
+            js: js.clone(),
+            store,
+            status: status.clone(),
+            options: options.clone(),
+            stop: stop.clone(),
+        };
+        tokio::spawn(replication::run(link, reconnects.clone()));
+        if options.invalidations {
+            tokio::spawn(invalidate::run(
+                js,
+                options.node_id.clone(),
+                invalidations,
+                status.clone(),
+                stop,
+            ));
+        }
+        Ok(Fleet { status, client })
+    }
+
+    /// Flushes what the client has buffered (best effort, on shutdown).
+    pub async fn close(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+    }
+}
+
+/// A name usable as a JetStream consumer name (no dots, spaces or wildcards).
+pub(crate) fn consumer_name(prefix: &str, node_id: &str) -> String {
+    let clean: String = node_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{prefix}-{clean}")
+}
+
+/// Exponential backoff with full jitter, capped, for reconnect-style retries.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let cap = Duration::from_secs(5);
+    let base = Duration::from_millis(100).saturating_mul(1 << attempt.min(6));
+    let max = base.min(cap);
+    Duration::from_millis(fastrand::u64(
+        max.as_millis() as u64 / 2..=max.as_millis() as u64,
+    ))
+}

@@ -466,7 +466,7 @@ async fn forward(
         via: via.clone(),
         identity: route.forward_identity.then(|| Identity {
             signer: snap.identity.clone(),
-            audience: route.group.name.clone(),
+            audience: route.group_for(&parts.method).name.clone(),
             claims: identity_claims(snap, route, ctx, principal.as_ref(), variants),
         }),
     };
@@ -710,18 +710,19 @@ async fn send_to_origin(
     let too_large = ProxyError::PayloadTooLarge {
         limit: route.max_body,
     };
-    let mut candidates = route.group.nearest_available(at);
+    let group = route.group_for(method);
+    let mut candidates = group.nearest_available(at);
     if !route.residency.is_empty() {
         candidates.retain(|e| route.residency.contains(&e.region));
         if candidates.is_empty() {
             return Err(ProxyError::NoResidentEndpoint {
-                group: route.group.name.clone(),
+                group: group.name.clone(),
                 regions: route.residency.join(", "),
             });
         }
     }
     if candidates.is_empty() {
-        return Err(ProxyError::NoHealthyEndpoint(route.group.name.clone()));
+        return Err(ProxyError::NoHealthyEndpoint(group.name.clone()));
     }
     // One retry on another endpoint, only when the first could not even connect.
     let attempts = candidates.len().min(2);
@@ -759,10 +760,7 @@ async fn send_to_origin(
         *upstream.headers_mut() = attempt_headers;
 
         let sent = Instant::now();
-        match endpoint
-            .send(upstream, route.timeout, &route.group.passive)
-            .await
-        {
+        match endpoint.send(upstream, route.timeout, &group.passive).await {
             Ok(response) => {
                 return Ok(Forwarded {
                     response,
@@ -802,7 +800,7 @@ async fn send_to_origin(
             }
         }
     }
-    Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(route.group.name.clone())))
+    Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(group.name.clone())))
 }
 
 /// Where each attempt's request body comes from.

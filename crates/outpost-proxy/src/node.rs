@@ -28,6 +28,8 @@ pub struct RouteRuntime {
     pub name: String,
     /// Origin group serving it.
     pub group: Arc<OriginGroup>,
+    /// Origin group for unsafe methods (the center), when reads and writes go apart.
+    pub write_group: Option<Arc<OriginGroup>>,
     /// Matched prefix, stripped before forwarding when `strip_prefix` is set.
     pub prefix: String,
     /// Whether to strip the prefix.
@@ -54,6 +56,16 @@ pub struct RouteRuntime {
     pub experiments: Vec<Arc<outpost_guard::ab::Experiment>>,
     /// `outpost_guard_rejections_total{route, reason}`, indexed by [`Rejection`].
     pub rejections: IndexedCounters,
+}
+
+impl RouteRuntime {
+    /// The group a request with `method` goes to: writes to the center when the route has one.
+    pub fn group_for(&self, method: &http::Method) -> &Arc<OriginGroup> {
+        match &self.write_group {
+            Some(w) if !method.is_safe() => w,
+            _ => &self.group,
+        }
+    }
 }
 
 /// Why a guard refused a request (the `reason` label).
@@ -383,8 +395,21 @@ impl Snapshot {
                     origin: r.origin.clone(),
                 })?
                 .clone();
+            let write_group = match &r.write_origin {
+                Some(w) => Some(
+                    origins
+                        .group(w)
+                        .ok_or_else(|| BuildError::UnknownOrigin {
+                            route: r.name.clone(),
+                            origin: w.clone(),
+                        })?
+                        .clone(),
+                ),
+                None => None,
+            };
             routes.push(RouteRuntime {
                 name: r.name.clone(),
+                write_group,
                 timeout: r.timeout.unwrap_or(group.response_timeout),
                 group,
                 prefix: r.path_prefix.clone(),

@@ -519,6 +519,14 @@ impl Store {
         Ok(())
     }
 
+    /// Puts back what [`Store::take_dirty`] took but could not be published.
+    pub fn restore_dirty(&self, mut dirty: Dirty) {
+        if let Ok(mut d) = self.shared.dirty.lock() {
+            d.objects.append(&mut dirty.objects);
+            d.kv_buckets.append(&mut dirty.kv_buckets);
+        }
+    }
+
     /// Every KV row (live, expired or deleted) in one bucket, as replicable writes: the bucket's
     /// full state for anti-entropy.
     pub fn kv_bucket(&self, bucket: u16) -> Result<Vec<KvWrite>, StoreError> {
@@ -959,11 +967,10 @@ fn apply(
                 let r = match change {
                     Change::Kv(w) => {
                         let _ = clock.observe(&w.stamp, now_ms());
-                        kv_upsert(tx, &w).map(|changed| {
+                        kv_upsert(tx, &w).inspect(|&changed| {
                             if changed {
                                 staged.dirty.kv_buckets.insert(kv_bucket(&w.ns, &w.key));
                             }
-                            changed
                         })
                     }
                     Change::Crdt { name, delta } => {

@@ -30,6 +30,7 @@ pub async fn serve(
         .route("/origins", get(origins))
         .route("/reload", post(reload))
         .route("/cache/purge", post(purge))
+        .merge(crate::state_api::routes())
         .with_state(life);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -174,7 +175,7 @@ async fn purge(
     clippy::result_large_err,
     reason = "the error is the ready-made HTTP response"
 )]
-fn authorize(life: &Lifecycle, headers: &HeaderMap) -> Result<(), Response> {
+pub(crate) fn authorize(life: &Lifecycle, headers: &HeaderMap) -> Result<(), Response> {
     let Some(expected) = life.admin_token.as_deref() else {
         return Err((
             StatusCode::FORBIDDEN,

@@ -9,8 +9,10 @@
 //! - [`purge`]: `outpost purge`, a client of the running node's admin API.
 
 mod admin;
+mod fleet;
 mod purge;
 mod serve;
+mod state_api;
 
 use std::io::Write;
 use std::path::PathBuf;

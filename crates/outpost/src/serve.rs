@@ -10,7 +10,7 @@ use outpost_proxy::{Node, Server};
 use outpost_telemetry::{Metrics, logging};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::admin;
+use crate::{admin, fleet};
 
 /// Version reported in metrics and logs.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -29,6 +29,10 @@ pub struct Lifecycle {
     pub draining: AtomicBool,
     /// Token for mutating admin calls; none means those calls are disabled.
     pub admin_token: Option<String>,
+    /// The node's local store (KV, CRDTs).
+    pub store: outpost_state::Store,
+    /// The fleet link, when `[fleet]` is configured.
+    pub fleet: Option<outpost_fleet::Fleet>,
     /// Serialises reloads (SIGHUP and admin may race).
     reload_lock: tokio::sync::Mutex<()>,
 }
@@ -121,9 +125,25 @@ async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let admin_addr = config.admin.addr.clone();
     let node_id = config.node.id.clone();
     let metrics = Metrics::new(VERSION);
+    let store = fleet::open_store(&config).await?;
+    let background = tokio_util::sync::CancellationToken::new();
+    fleet::spawn_sweeper(
+        store.clone(),
+        config.state.sweep_interval,
+        background.clone(),
+    );
+    let fleet_config = config.clone();
     let node = Node::new(config, metrics)
         .await
         .context("cannot build the node from its config")?;
+    let fleet_link = fleet::start(
+        &fleet_config,
+        store.clone(),
+        node.clone(),
+        background.clone(),
+    )
+    .await?;
+    drop(fleet_config);
     let server = Server::start(node.clone()).await?;
     let admin_listener = tokio::net::TcpListener::bind(&admin_addr)
         .await
@@ -137,6 +157,8 @@ async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         admin_token: token,
+        store,
+        fleet: fleet_link,
         reload_lock: tokio::sync::Mutex::new(()),
     });
     let admin_shutdown = tokio_util::sync::CancellationToken::new();
@@ -187,6 +209,10 @@ async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let drained = server.drain(drain_timeout).await;
     admin_shutdown.cancel();
     let _ = admin_task.await;
+    if let Some(f) = &life.fleet {
+        f.close().await;
+    }
+    background.cancel();
     // Objects stored during the last requests reach the disk tier before the process ends.
     let node = life.node.clone();
     let _ = tokio::task::spawn_blocking(move || node.cache().flush()).await;

@@ -7,6 +7,8 @@ mod support;
 
 #[path = "e2e/cache.rs"]
 mod cache;
+#[path = "e2e/fleet.rs"]
+mod fleet;
 #[path = "e2e/guard.rs"]
 mod guard;
 

@@ -21,7 +21,8 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn python() -> PathBuf {
+/// The venv's Python (uvicorn origins, the center's NATS client).
+pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("OUTPOST_PYTHON") {
         return PathBuf::from(p);
     }
@@ -379,6 +380,14 @@ impl NodeConfig {
         self
     }
 
+    /// Renames the node (fleet tests need distinct ids: they name durable consumers).
+    pub fn id(mut self, id: &str) -> Self {
+        self.head = self
+            .head
+            .replace("id = \"test-node\"", &format!("id = \"{id}\""));
+        self
+    }
+
     /// Replaces the listener section (e.g. for TLS).
     pub fn listeners(mut self, toml: &str) -> Self {
         self.head = self
@@ -526,6 +535,40 @@ impl Node {
         }
     }
 
+    /// `kill -9`, then the same config and data directory again (what a crash and a
+    /// supervisor restart do).
+    pub async fn crash_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let toml = std::fs::read_to_string(&self.config_path).expect("config");
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        let fresh = Node::start_in(dir, &toml).await;
+        *self = fresh;
+    }
+
+    /// A state API call with the test admin token; returns (status, JSON or text body).
+    pub async fn state(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = client()
+            .request(m, self.admin_url(path))
+            .bearer_auth("test-token");
+        if let Some(b) = body {
+            req = req.body(b.to_owned());
+        }
+        let resp = req.send().await.expect("state API");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("state body");
+        let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, value)
+    }
+
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
         client()
@@ -596,6 +639,9 @@ impl Drop for Node {
         }
     }
 }
+
+pub mod nats;
+pub use nats::Nats;
 
 /// Sends raw bytes on a fresh connection and returns everything the node answered until it
 /// closed the connection or `deadline` passed.

@@ -1,0 +1,78 @@
+//! The NATS connection, with the fleet's options.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::{ConnectOptions, Event};
+
+use crate::{FleetError, FleetOptions, FleetStatus};
+
+/// Connects to `options.servers`. Returns at once even when no server answers: the client keeps
+/// trying in the background, and `reconnects` ticks on every (re)connection so anti-entropy
+/// runs again.
+pub async fn connect(
+    options: &FleetOptions,
+    status: Arc<FleetStatus>,
+    reconnects: tokio::sync::watch::Sender<u64>,
+) -> Result<async_nats::Client, FleetError> {
+    let mut opts = match &options.credentials_file {
+        Some(path) => ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|source| FleetError::File {
+                path: path.clone(),
+                source,
+            })?,
+        None => ConnectOptions::new(),
+    };
+    if let Some(token) = &options.token {
+        opts = opts.token(token.clone());
+    }
+    if let Some(ca) = &options.tls_ca {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &options.tls_client {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    let name = format!("outpost {}", options.node_id);
+    let node = options.node_id.clone();
+    opts = opts
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .ping_interval(Duration::from_secs(5))
+        .event_callback(move |event| {
+            let status = status.clone();
+            let reconnects = reconnects.clone();
+            let node = node.clone();
+            async move {
+                match event {
+                    Event::Connected => {
+                        status.connected.store(true, Ordering::Release);
+                        reconnects.send_modify(|n| *n += 1);
+                        tracing::info!(node = %node, "Fleet link up (NATS connected).");
+                    }
+                    Event::Disconnected => {
+                        status.connected.store(false, Ordering::Release);
+                        tracing::warn!(node = %node, "Fleet link down; serving from the local store and queueing changes.");
+                    }
+                    other => tracing::debug!(event = %other, "NATS event."),
+                }
+            }
+        });
+    let servers: Vec<String> = options
+        .servers
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let addrs = servers
+        .iter()
+        .map(|s| s.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| FleetError::Connect(e.to_string()))?;
+    opts.connect(addrs)
+        .await
+        .map_err(|e| FleetError::Connect(e.to_string()))
+}

@@ -1,0 +1,442 @@
+//! Fleet end-to-end: real `outpost` nodes replicating through a real NATS 2.15.1 (JetStream hub,
+//! leaf nodes per site), partitions made by killing servers, and the center's invalidations
+//! published by the `outpost_fastapi` helper.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn fleet_node(id: &str, nats: &Nats) -> NodeConfig {
+    NodeConfig::new().id(id).raw(&format!(
+        "[fleet]\nnats = \"{}\"\njetstream_domain = \"hub\"\nsnapshot_interval = \"1s\"\n",
+        nats.url()
+    ))
+}
+
+async fn start_fleet(ids: &[&str], nats: &Nats) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for id in ids {
+        nodes.push(Node::start(&fleet_node(id, nats)).await);
+    }
+    for n in &nodes {
+        eventually("the fleet link is up", SECS(15), || async {
+            n.state("GET", "/state/fleet", None).await.1["fleet"]["connected"] == true
+        })
+        .await;
+    }
+    nodes
+}
+
+async fn counter(n: &Node, name: &str) -> i64 {
+    n.state("GET", &format!("/state/counters/{name}"), None)
+        .await
+        .1["value"]
+        .as_i64()
+        .unwrap_or(i64::MIN)
+}
+
+async fn incr(n: &Node, name: &str, by: i64) {
+    let (status, body) = n
+        .state(
+            "POST",
+            &format!("/state/counters/{name}/incr?by={by}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn kv(n: &Node, ns: &str, key: &str) -> Option<String> {
+    let (status, body) = n.state("GET", &format!("/state/kv/{ns}/{key}"), None).await;
+    (status == 200).then(|| body.as_str().map(str::to_owned).unwrap_or(body.to_string()))
+}
+
+async fn put(n: &Node, ns: &str, key: &str, value: &str) {
+    let (status, body) = n
+        .state("PUT", &format!("/state/kv/{ns}/{key}"), Some(value))
+        .await;
+    assert_eq!(status, 204, "{body}");
+}
+
+async fn set(n: &Node, name: &str) -> Value {
+    n.state("GET", &format!("/state/sets/{name}"), None).await.1["value"].clone()
+}
+
+/// Waits until every node reports the same value; returns how long it took.
+async fn converge<'a, F, Fut>(
+    what: &str,
+    nodes: &[&'a Node],
+    deadline: Duration,
+    read: F,
+) -> Duration
+where
+    F: Fn(&'a Node) -> Fut,
+    Fut: std::future::Future<Output = Value>,
+{
+    let start = Instant::now();
+    loop {
+        let mut values = Vec::new();
+        for n in nodes {
+            values.push(read(n).await);
+        }
+        if values.windows(2).all(|w| w[0] == w[1]) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "{what} did not converge in {deadline:?}: {values:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_nodes_converge_on_kv_and_crdts_and_report_propagation() {
+    let hub = Nats::hub();
+    let nodes = start_fleet(&["tokyo-1", "osaka-1", "seoul-1"], &hub).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+
+    // Every node writes; every node ends with everything.
+    for (i, n) in nodes.iter().enumerate() {
+        incr(n, "visits", (i as i64 + 1) * 10).await;
+        put(n, "shop", &format!("from-{i}"), &format!("v{i}")).await;
+        let (s, _) = n
+            .state(
+                "POST",
+                "/state/sets/carts/add",
+                Some(&format!("{{\"elements\": [\"cart-{i}\"]}}")),
+            )
+            .await;
+        assert_eq!(s, 200);
+        let (s, _) = n
+            .state("POST", "/state/gcounters/hits/incr?by=2", None)
+            .await;
+        assert_eq!(s, 200);
+        let (s, _) = n
+            .state(
+                "PUT",
+                &format!("/state/maps/prices/sku-{i}"),
+                Some(&format!("{{\"yen\": {}}}", 100 * (i + 1))),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    converge("visits", &all, SECS(10), |n| async move {
+        json!(counter(n, "visits").await)
+    })
+    .await;
+    assert_eq!(counter(&nodes[0], "visits").await, 60);
+    for n in &nodes {
+        for i in 0..3 {
+            eventually("kv replicated", SECS(10), || async {
+                kv(n, "shop", &format!("from-{i}")).await.as_deref() == Some(&*format!("v{i}"))
+            })
+            .await;
+        }
+    }
+    converge(
+        "carts",
+        &all,
+        SECS(10),
+        |n| async move { set(n, "carts").await },
+    )
+    .await;
+    assert_eq!(
+        set(&nodes[2], "carts").await,
+        json!(["cart-0", "cart-1", "cart-2"])
+    );
+    converge("prices", &all, SECS(10), |n| async move {
+        n.state("GET", "/state/maps/prices", None).await.1["value"].clone()
+    })
+    .await;
+    let (_, hits) = nodes[1].state("GET", "/state/gcounters/hits", None).await;
+    assert_eq!(hits["value"], 6);
+
+    // Concurrent writes to one key: every node settles on the same (newest-stamped) value.
+    let (a, b, c) = tokio::join!(
+        put(&nodes[0], "shop", "banner", "a"),
+        put(&nodes[1], "shop", "banner", "b"),
+        put(&nodes[2], "shop", "banner", "c"),
+    );
+    let _ = (a, b, c);
+    converge("banner", &all, SECS(10), |n| async move {
+        json!(kv(n, "shop", "banner").await)
+    })
+    .await;
+
+    // Propagation: a write on one node, polled on the two others until visible.
+    let mut samples = Vec::new();
+    for i in 0..60 {
+        let writer = &nodes[i % 3];
+        let key = format!("p{i}");
+        let started = Instant::now();
+        put(writer, "prop", &key, "x").await;
+        for reader in nodes.iter().filter(|n| n.addr != writer.addr) {
+            // A tight poll (not `eventually`'s 25 ms) so the figure is the replication's.
+            while kv(reader, "prop", &key).await.is_none() {
+                assert!(started.elapsed() < SECS(10), "write {key} not propagated");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    eprintln!(
+        "FIGURE propagation (write on one node -> visible on both others, incl. HTTP polling): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} writes",
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        samples[samples.len() - 1],
+        samples.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_site_keeps_writing_and_converges_after_healing_without_loss() {
+    let hub = Nats::hub();
+    let mut leaf = Nats::leaf(&hub);
+    let a = Node::start(&fleet_node("hub-a", &hub)).await;
+    let b = Node::start(&fleet_node("hub-b", &hub)).await;
+    let mut c = Node::start(&fleet_node("site-c", &leaf)).await;
+    for n in [&a, &b, &c] {
+        eventually("linked", SECS(15), || async {
+            n.state("GET", "/state/fleet", None).await.1["fleet"]["connected"] == true
+        })
+        .await;
+    }
+    incr(&a, "stock", 100).await;
+    let (s, _) = a.state("POST", "/state/sets/tags", None).await;
+    assert_eq!(s, 405, "reading is GET; adding is POST …/add");
+    a.state(
+        "POST",
+        "/state/sets/tags/add",
+        Some(r#"{"elements": ["sale", "new"]}"#),
+    )
+    .await;
+    converge("baseline", &[&a, &b, &c], SECS(10), |n| async move {
+        json!([counter(n, "stock").await, set(n, "tags").await])
+    })
+    .await;
+
+    // The site's link goes down: both sides keep accepting writes.
+    leaf.kill();
+    eventually("site link down", SECS(15), || async {
+        c.state("GET", "/state/fleet", None).await.1["fleet"]["connected"] == false
+    })
+    .await;
+    for _ in 0..20 {
+        incr(&a, "stock", -1).await;
+    }
+    for _ in 0..30 {
+        incr(&c, "stock", -1).await;
+    }
+    put(&a, "shop", "hub-side", "1").await;
+    put(&c, "shop", "site-side", "1").await;
+    // Concurrent remove (hub) and re-add (site) of the same element: the add wins.
+    a.state(
+        "POST",
+        "/state/sets/tags/remove",
+        Some(r#"{"elements": ["sale"]}"#),
+    )
+    .await;
+    c.state(
+        "POST",
+        "/state/sets/tags/add",
+        Some(r#"{"elements": ["sale", "site"]}"#),
+    )
+    .await;
+    // The site node crashes while partitioned; its queued writes are on disk.
+    c.crash_and_restart().await;
+    incr(&c, "stock", -5).await;
+    assert_eq!(
+        counter(&c, "stock").await,
+        65,
+        "the site sees its own writes"
+    );
+
+    // Heal.
+    leaf.start();
+    let healed = converge("after heal", &[&a, &b, &c], SECS(20), |n| async move {
+        json!([
+            counter(n, "stock").await,
+            set(n, "tags").await,
+            kv(n, "shop", "hub-side").await,
+            kv(n, "shop", "site-side").await
+        ])
+    })
+    .await;
+    assert_eq!(
+        counter(&b, "stock").await,
+        100 - 20 - 30 - 5,
+        "no update lost"
+    );
+    assert_eq!(set(&b, "tags").await, json!(["new", "sale", "site"]));
+    assert_eq!(kv(&b, "shop", "site-side").await.as_deref(), Some("1"));
+    eprintln!(
+        "FIGURE convergence after the site link healed (leaf restart included): {:.0} ms",
+        healed.as_secs_f64() * 1000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_whole_backbone_can_go_down_and_come_back() {
+    let mut hub = Nats::hub();
+    let nodes = start_fleet(&["n1", "n2", "n3"], &hub).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    incr(&nodes[0], "orders", 1).await;
+    converge("baseline", &all, SECS(10), |n| async move {
+        json!(counter(n, "orders").await)
+    })
+    .await;
+    hub.kill();
+    for n in &nodes {
+        for _ in 0..10 {
+            incr(n, "orders", 1).await;
+        }
+        put(n, "last", "writer", "someone").await;
+    }
+    // Each node only sees its own writes while the backbone is down.
+    assert_eq!(counter(&nodes[2], "orders").await, 11);
+    hub.start();
+    let started = Instant::now();
+    for n in &nodes {
+        eventually("every write everywhere", SECS(30), || async {
+            counter(n, "orders").await == 31
+        })
+        .await;
+    }
+    let healed = started.elapsed();
+    converge("last writer", &all, SECS(10), |n| async move {
+        json!(kv(n, "last", "writer").await)
+    })
+    .await;
+    eprintln!(
+        "FIGURE convergence after the NATS server came back: {:.0} ms",
+        healed.as_secs_f64() * 1000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_node_catches_up_from_snapshots_when_the_delta_stream_lost_history() {
+    let hub = Nats::hub();
+    let first = start_fleet(&["old-1"], &hub).await;
+    let old = &first[0];
+    for i in 0..5 {
+        incr(old, "visits", 1).await;
+        put(old, "shop", &format!("k{i}"), "v").await;
+    }
+    old.state("PUT", "/state/registers/motd", Some("\"welcome\""))
+        .await;
+    let rounds = || async {
+        old.state("GET", "/state/fleet", None).await.1["fleet"]["snapshot_rounds"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // Two more rounds: the second one started after the last write, so it has published it.
+    let after_writes = rounds().await;
+    eventually("snapshots published", SECS(15), || async {
+        rounds().await >= after_writes + 2
+    })
+    .await;
+    // Forget every delta: only the snapshot stream can tell a newcomer what happened.
+    let script = format!(
+        "import asyncio, nats\nasync def m():\n    nc = await nats.connect('{}')\n    js = nc.jetstream()\n    await js.purge_stream('OUTPOST_DELTAS')\n    print((await js.stream_info('OUTPOST_DELTAS')).state.messages)\n    await nc.close()\nasyncio.run(m())\n",
+        hub.url()
+    );
+    let out = std::process::Command::new(python())
+        .args(["-c", &script])
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+
+    let newcomer = Node::start(&fleet_node("new-1", &hub)).await;
+    eventually("caught up from snapshots", SECS(15), || async {
+        counter(&newcomer, "visits").await == 5
+            && kv(&newcomer, "shop", "k4").await.is_some()
+            && newcomer.state("GET", "/state/registers/motd", None).await.1["value"] == "welcome"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalidations_from_the_center_purge_every_node() {
+    let hub = Nats::hub();
+    let origin = Origin::echo("us-west").await;
+    let mut nodes = Vec::new();
+    for id in ["edge-1", "edge-2", "edge-3"] {
+        let cfg = fleet_node(id, &hub)
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("api", "/", "api", "[routes.cache]\ndefault_ttl = \"1h\"");
+        nodes.push(Node::start(&cfg).await);
+    }
+    let c = client();
+    let url_of = |n: &Node| n.url("/cache/item?tag=product-42");
+    for n in &nodes {
+        // Miss, then (once stored) hits.
+        eventually("a cache hit", SECS(5), || async {
+            let r = c.get(url_of(n)).send().await.expect("get");
+            r.headers()["cache-status"]
+                .to_str()
+                .unwrap_or("")
+                .contains("hit")
+        })
+        .await;
+    }
+    // The center purges by tag with the outpost_fastapi helper (a real NATS client).
+    let script = format!(
+        "import asyncio\nfrom outpost_fastapi import Invalidator\nasync def m():\n    async with await Invalidator.connect('{}', source='center') as inv:\n        print(await inv.purge(tags=['product-42']))\nasyncio.run(m())\n",
+        hub.url()
+    );
+    let started = Instant::now();
+    let out = std::process::Command::new(python())
+        .args(["-c", &script])
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in &nodes {
+        eventually("the tag purge reached the node", SECS(5), || async {
+            n.logs.contains("Applied a fleet invalidation.")
+        })
+        .await;
+        let r = c.get(url_of(n)).send().await.expect("get");
+        let status = r.headers()["cache-status"]
+            .to_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(
+            !status.contains("hit"),
+            "purged, so fetched again: {status}"
+        );
+    }
+    let lags: Vec<f64> = nodes
+        .iter()
+        .flat_map(|n| n.logs.all())
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .filter_map(|v| v["propagation_ms"].as_f64())
+        .collect();
+    assert_eq!(lags.len(), 3, "one purge per node");
+    assert!(
+        started.elapsed() < SECS(5),
+        "purged everywhere within the deadline"
+    );
+    eprintln!(
+        "FIGURE invalidation propagation center -> node (publish timestamp to purge applied): {lags:?} ms"
+    );
+}
