@@ -50,9 +50,18 @@ async fn incr(n: &Node, name: &str, by: i64) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A KV value as the raw text stored (None when absent).
 async fn kv(n: &Node, ns: &str, key: &str) -> Option<String> {
-    let (status, body) = n.state("GET", &format!("/state/kv/{ns}/{key}"), None).await;
-    (status == 200).then(|| body.as_str().map(str::to_owned).unwrap_or(body.to_string()))
+    let resp = client()
+        .get(n.admin_url(&format!("/state/kv/{ns}/{key}")))
+        .bearer_auth("test-token")
+        .send()
+        .await
+        .expect("kv get");
+    if resp.status() != 200 {
+        return None;
+    }
+    Some(resp.text().await.expect("kv body"))
 }
 
 async fn put(n: &Node, ns: &str, key: &str, value: &str) {
@@ -439,4 +448,123 @@ async fn invalidations_from_the_center_purge_every_node() {
     eprintln!(
         "FIGURE invalidation propagation center -> node (publish timestamp to purge applied): {lags:?} ms"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_node_keeps_every_acknowledged_write_through_kill_9() {
+    let mut node = Node::start(&NodeConfig::new().id("alone")).await;
+    // Writes in flight from many clients at once (they share fsyncs: group commit).
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let url = node.admin_url(&format!("/state/kv/pos/sale-{i}"));
+        tasks.push(tokio::spawn(async move {
+            client()
+                .put(url)
+                .bearer_auth("test-token")
+                .body(format!("{{\"sale\": {i}}}"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    for _ in 0..50 {
+        incr(&node, "sales", 1).await;
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("join").expect("put"), 204);
+    }
+    node.crash_and_restart().await;
+    for i in 0..200 {
+        assert_eq!(
+            kv(&node, "pos", &format!("sale-{i}")).await.as_deref(),
+            Some(&*format!("{{\"sale\": {i}}}")),
+            "acknowledged write {i} survived kill -9"
+        );
+    }
+    assert_eq!(counter(&node, "sales").await, 50);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_state_api_answers_bad_calls_with_clear_errors() {
+    let node = Node::start(&NodeConfig::new().id("api")).await;
+    let c = client();
+    // No token: refused, nothing stored.
+    let r = c
+        .put(node.admin_url("/state/kv/ns/k"))
+        .body("v")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 401);
+    assert_eq!(kv(&node, "ns", "k").await, None);
+
+    let (s, body) = node
+        .state("PUT", "/state/kv/ns/k?ttl=soon", Some("v"))
+        .await;
+    assert_eq!(s, 400);
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("90s"),
+        "{body}"
+    );
+
+    let (s, _) = node.state("GET", "/state/kv/ns/missing", None).await;
+    assert_eq!(s, 404);
+
+    incr(&node, "thing", 1).await;
+    let (s, body) = node
+        .state(
+            "POST",
+            "/state/sets/thing/add",
+            Some(r#"{"elements": ["x"]}"#),
+        )
+        .await;
+    assert_eq!(s, 409);
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("pncounter"),
+        "{body}"
+    );
+
+    let (s, body) = node
+        .state("POST", "/state/sets/s/add", Some(r#"{"elements": "x"}"#))
+        .await;
+    assert_eq!(s, 400, "{body}");
+    let (s, _) = node
+        .state("POST", "/state/gcounters/g/incr?by=-1", None)
+        .await;
+    assert_eq!(s, 400);
+    let (s, _) = node
+        .state("PUT", "/state/registers/r", Some("{not json"))
+        .await;
+    assert_eq!(s, 400);
+    let big = "x".repeat(2 << 20);
+    let (s, body) = node.state("PUT", "/state/kv/ns/big", Some(&big)).await;
+    assert!(s == 400 || s == 413, "{s} {body}");
+
+    // TTL: the key is there, then never returned once expired.
+    let (s, _) = node
+        .state("PUT", "/state/kv/ns/brief?ttl=300ms", Some("v"))
+        .await;
+    assert_eq!(s, 204);
+    assert_eq!(kv(&node, "ns", "brief").await.as_deref(), Some("v"));
+    eventually("the key expired", SECS(5), || async {
+        kv(&node, "ns", "brief").await.is_none()
+    })
+    .await;
+    let (s, list) = node.state("GET", "/state/kv/ns", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(list["keys"], json!([]), "expired keys are not listed");
+
+    // Registers and maps hold JSON.
+    node.state("PUT", "/state/registers/motd", Some(r#"{"text": "hi"}"#))
+        .await;
+    let (_, r) = node.state("GET", "/state/registers/motd", None).await;
+    assert_eq!(r["value"], json!({"text": "hi"}));
+    node.state("PUT", "/state/maps/cfg/color", Some("\"red\""))
+        .await;
+    node.state("PUT", "/state/maps/cfg/size", Some("3")).await;
+    node.state("DELETE", "/state/maps/cfg/size", None).await;
+    let (_, m) = node.state("GET", "/state/maps/cfg", None).await;
+    assert_eq!(m["value"], json!({"color": "red"}));
+    let (_, objects) = node.state("GET", "/state/objects", None).await;
+    assert_eq!(objects["objects"].as_array().map(Vec::len), Some(3));
 }
