@@ -1,7 +1,6 @@
 //! The NATS connection, with the fleet's options.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::{ConnectOptions, Event};
@@ -49,12 +48,12 @@ pub async fn connect(
             async move {
                 match event {
                     Event::Connected => {
-                        status.connected.store(true, Ordering::Release);
+                        status.connected.set(1);
                         reconnects.send_modify(|n| *n += 1);
                         tracing::info!(node = %node, "Fleet link up (NATS connected).");
                     }
                     Event::Disconnected => {
-                        status.connected.store(false, Ordering::Release);
+                        status.connected.set(0);
                         tracing::warn!(node = %node, "Fleet link down; serving from the local store and queueing changes.");
                     }
                     other => tracing::debug!(event = %other, "NATS event."),

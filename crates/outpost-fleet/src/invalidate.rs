@@ -5,7 +5,6 @@
 //! before it would have served the stale copies for long.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
@@ -112,7 +111,7 @@ async fn consume(
         let message = message.map_err(|e| e.to_string())?;
         match serde_json::from_slice::<Invalidation>(&message.payload) {
             Ok(inv) => {
-                status.invalidations.fetch_add(1, Ordering::Relaxed);
+                status.invalidations.inc_by(1);
                 if sink.send(inv).await.is_err() {
                     return Ok(());
                 }

@@ -23,7 +23,6 @@ pub mod streams;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use outpost_state::Store;
@@ -79,42 +78,23 @@ pub struct FleetOptions {
     pub invalidations: bool,
 }
 
-/// Live counters of the fleet link, for `/state/fleet` and metrics.
-#[derive(Debug, Default)]
-pub struct FleetStatus {
-    /// Whether the NATS connection is up.
-    pub connected: AtomicBool,
-    /// Local changes confirmed by JetStream.
-    pub published: AtomicU64,
-    /// Remote changes that changed something here.
-    pub applied: AtomicU64,
-    /// Remote changes received (including duplicates and no-ops).
-    pub received: AtomicU64,
-    /// Invalidations received from the center.
-    pub invalidations: AtomicU64,
-    /// Anti-entropy rounds completed (snapshot stream read to the end).
-    pub anti_entropy_rounds: AtomicU64,
-    /// Full-state snapshots published.
-    pub snapshots_published: AtomicU64,
-    /// Snapshot rounds finished (one per `snapshot_interval`, even with nothing to send): a
-    /// round that starts after a write has published it.
-    pub snapshot_rounds: AtomicU64,
-}
+/// Live counters of the fleet link: the node's `outpost_fleet_*` metrics, also shown by
+/// `/state/fleet`.
+pub type FleetStatus = outpost_telemetry::FleetMetrics;
 
-impl FleetStatus {
-    /// A JSON view for the admin API.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "connected": self.connected.load(Ordering::Relaxed),
-            "published": self.published.load(Ordering::Relaxed),
-            "received": self.received.load(Ordering::Relaxed),
-            "applied": self.applied.load(Ordering::Relaxed),
-            "invalidations": self.invalidations.load(Ordering::Relaxed),
-            "anti_entropy_rounds": self.anti_entropy_rounds.load(Ordering::Relaxed),
-            "snapshots_published": self.snapshots_published.load(Ordering::Relaxed),
-            "snapshot_rounds": self.snapshot_rounds.load(Ordering::Relaxed),
-        })
-    }
+/// A JSON view of the fleet link for the admin API.
+pub fn status_json(status: &FleetStatus) -> serde_json::Value {
+    serde_json::json!({
+        "connected": status.connected.get() == 1,
+        "published": status.published.get(),
+        "backlog": status.backlog.get(),
+        "received": status.received.get(),
+        "applied": status.applied.get(),
+        "invalidations": status.invalidations.get(),
+        "anti_entropy_rounds": status.anti_entropy_rounds.get(),
+        "snapshots_published": status.snapshots_published.get(),
+        "snapshot_rounds": status.snapshot_rounds.get(),
+    })
 }
 
 /// A running fleet link.
@@ -130,10 +110,11 @@ impl Fleet {
     pub async fn start(
         options: FleetOptions,
         store: Store,
+        metrics: FleetStatus,
         invalidations: mpsc::Sender<Invalidation>,
         stop: CancellationToken,
     ) -> Result<Fleet, FleetError> {
-        let status = Arc::new(FleetStatus::default());
+        let status = Arc::new(metrics);
         let (reconnects_tx, reconnects) = tokio::sync::watch::channel(0u64);
         let client = connect::connect(&options, status.clone(), reconnects_tx).await?;
         let js = match &options.jetstream_domain {

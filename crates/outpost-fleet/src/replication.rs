@@ -1,7 +1,6 @@
 //! Moving state between nodes: publish local changes, apply everyone else's, and anti-entropy.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -93,6 +92,7 @@ async fn publish_loop(link: Link) {
             }
         };
         if pending.is_empty() {
+            link.status.backlog.set(0);
             tokio::select! {
                 _ = link.stop.cancelled() => return,
                 _ = link.store.logged() => {}
@@ -126,13 +126,16 @@ async fn publish_loop(link: Link) {
             Ok(_) => {
                 attempt = 0;
                 after = last;
-                link.status.published.fetch_add(count, Ordering::Relaxed);
+                link.status.published.inc_by(count);
                 if let Err(e) = link.store.mark_published(last).await {
                     tracing::error!(error = %e, "Cannot record published changes; they will be re-sent.");
                 }
             }
             Err(e) => {
                 attempt += 1;
+                if let Ok(n) = link.store.unpublished_count() {
+                    link.status.backlog.set(n as i64);
+                }
                 if attempt == 1 || attempt.is_multiple_of(20) {
                     tracing::warn!(error = %e, queued_from = first, "Cannot publish changes to the fleet yet; they stay queued.");
                 }
@@ -216,10 +219,8 @@ async fn consume_deltas(link: &Link, name: &str) -> Result<(), String> {
                     .apply_remote(batch.changes)
                     .await
                     .map_err(|e| e.to_string())?;
-                link.status.received.fetch_add(n, Ordering::Relaxed);
-                link.status
-                    .applied
-                    .fetch_add(applied as u64, Ordering::Relaxed);
+                link.status.received.inc_by(n);
+                link.status.applied.inc_by(applied as u64);
             }
             Err(e) => {
                 tracing::warn!(subject = %message.subject, error = %e, "Dropped an undecodable fleet message.");
@@ -242,9 +243,7 @@ async fn anti_entropy_loop(link: Link, mut reconnects: watch::Receiver<u64>) {
                 Ok(applied) => {
                     read_needed = false;
                     attempt = 0;
-                    link.status
-                        .anti_entropy_rounds
-                        .fetch_add(1, Ordering::Relaxed);
+                    link.status.anti_entropy_rounds.inc_by(1);
                     if applied > 0 {
                         tracing::info!(
                             applied,
@@ -270,7 +269,7 @@ async fn anti_entropy_loop(link: Link, mut reconnects: watch::Receiver<u64>) {
             }
             _ = ticker.tick() => {
                 publish_snapshots(&link).await;
-                link.status.snapshot_rounds.fetch_add(1, Ordering::Relaxed);
+                link.status.snapshot_rounds.inc_by(1);
             }
             _ = tokio::time::sleep(backoff(attempt)), if read_needed => {}
         }
@@ -355,9 +354,7 @@ async fn publish_snapshots(link: &Link) {
         {
             failed.objects.insert(name.clone());
         } else {
-            link.status
-                .snapshots_published
-                .fetch_add(1, Ordering::Relaxed);
+            link.status.snapshots_published.inc_by(1);
         }
     }
     for &bucket in &dirty.kv_buckets {
@@ -380,9 +377,7 @@ async fn publish_snapshots(link: &Link) {
         {
             failed.kv_buckets.insert(bucket);
         } else {
-            link.status
-                .snapshots_published
-                .fetch_add(1, Ordering::Relaxed);
+            link.status.snapshots_published.inc_by(1);
         }
     }
     if !failed.objects.is_empty() || !failed.kv_buckets.is_empty() {

@@ -168,6 +168,31 @@ pub struct Metrics {
     cache_evictions: Family<TierLabels, Counter>,
     cache_purges: Family<KindLabels, Counter>,
     guard_rejections: Family<ReasonLabels, Counter>,
+    fleet: FleetMetrics,
+}
+
+/// The fleet link's health and traffic, shared by `/metrics` and the admin `/state/fleet` view
+/// (one source of truth: the admin view reads these).
+#[derive(Debug, Clone, Default)]
+pub struct FleetMetrics {
+    /// 1 while the NATS connection is up.
+    pub connected: Gauge,
+    /// Local changes confirmed by JetStream.
+    pub published: Counter,
+    /// Local changes waiting for the fleet (the replication log's length).
+    pub backlog: Gauge,
+    /// Changes received from other nodes (duplicates and no-ops included).
+    pub received: Counter,
+    /// Received changes that altered local state.
+    pub applied: Counter,
+    /// Center invalidations applied to the cache.
+    pub invalidations: Counter,
+    /// Full-state snapshots published for anti-entropy.
+    pub snapshots_published: Counter,
+    /// Snapshot rounds finished.
+    pub snapshot_rounds: Counter,
+    /// Times the snapshot stream was read to its end (start and every reconnect).
+    pub anti_entropy_rounds: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -275,6 +300,47 @@ impl Metrics {
             "Requests refused by a route's guards, by reason (unauthorized, forbidden, rate_limited, geo)",
             guard_rejections.clone(),
         );
+        let fleet = FleetMetrics::default();
+        registry.register(
+            "fleet_connected",
+            "1 while the node's NATS connection is up",
+            fleet.connected.clone(),
+        );
+        registry.register(
+            "fleet_changes_published",
+            "Local state changes confirmed by JetStream",
+            fleet.published.clone(),
+        );
+        registry.register(
+            "fleet_backlog_changes",
+            "Local state changes waiting to be published (grows while the fleet link is down)",
+            fleet.backlog.clone(),
+        );
+        registry.register(
+            "fleet_changes_received",
+            "State changes received from other nodes, duplicates included",
+            fleet.received.clone(),
+        );
+        registry.register(
+            "fleet_changes_applied",
+            "Received state changes that altered local state",
+            fleet.applied.clone(),
+        );
+        registry.register(
+            "fleet_invalidations",
+            "Cache invalidations received from the center",
+            fleet.invalidations.clone(),
+        );
+        registry.register(
+            "fleet_snapshots_published",
+            "Full-state snapshots published for anti-entropy",
+            fleet.snapshots_published.clone(),
+        );
+        registry.register(
+            "fleet_anti_entropy_rounds",
+            "Reads of the fleet's snapshot stream to its end",
+            fleet.anti_entropy_rounds.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -298,6 +364,7 @@ impl Metrics {
             cache_evictions,
             cache_purges,
             guard_rejections,
+            fleet,
         }
     }
 
@@ -346,6 +413,11 @@ impl Metrics {
         self.cache_purges
             .get_or_create(&KindLabels { kind })
             .inc_by(entries);
+    }
+
+    /// Handles of the fleet link's metrics.
+    pub fn fleet(&self) -> FleetMetrics {
+        self.fleet.clone()
     }
 
     /// Prometheus text exposition of every metric.

@@ -96,7 +96,7 @@ pub async fn start(
         return Ok(None);
     };
     let (tx, rx) = mpsc::channel(1024);
-    let fleet = Fleet::start(options, store, tx, stop)
+    let fleet = Fleet::start(options, store, node.metrics().fleet(), tx, stop)
         .await
         .context("cannot start the fleet link")?;
     tokio::spawn(apply_invalidations(rx, node));

@@ -61,6 +61,14 @@ impl Lifecycle {
                 "The admin address changes only on restart; keeping the old one."
             );
         }
+        if config.node.data_dir != current.node.data_dir
+            || format!("{:?}", config.fleet) != format!("{:?}", current.fleet)
+            || format!("{:?}", config.state) != format!("{:?}", current.state)
+        {
+            tracing::warn!(
+                "[node] data_dir, [state] and [fleet] change only on restart; keeping the running store and fleet link."
+            );
+        }
         let plan = self.server.plan(&config).await.map_err(|e| e.to_string())?;
         self.node.reload(config).await.map_err(|e| e.to_string())?;
         self.server.commit(plan);

@@ -455,7 +455,7 @@ async fn fleet(State(life): State<Arc<Lifecycle>>, headers: HeaderMap) -> Respon
     let link = life
         .fleet
         .as_ref()
-        .map_or(Value::Null, |f| f.status.to_json());
+        .map_or(Value::Null, |f| outpost_fleet::status_json(&f.status));
     axum::Json(json!({
         "replica": life.store.replica().to_string(),
         "unpublished": unpublished,

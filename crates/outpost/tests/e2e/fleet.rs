@@ -288,6 +288,13 @@ async fn a_partitioned_site_keeps_writing_and_converges_after_healing_without_lo
         "no update lost"
     );
     assert_eq!(set(&b, "tags").await, json!(["new", "sale", "site"]));
+    eventually("the site's backlog drained", SECS(10), || async {
+        c.metric("outpost_fleet_backlog_changes").await == 0.0
+    })
+    .await;
+    assert_eq!(c.metric("outpost_fleet_connected").await, 1.0);
+    assert!(c.metric("outpost_fleet_changes_published_total").await >= 33.0);
+    assert!(a.metric("outpost_fleet_changes_applied_total").await >= 33.0);
     assert_eq!(kv(&b, "shop", "site-side").await.as_deref(), Some("1"));
     eprintln!(
         "FIGURE convergence after the site link healed (leaf restart included): {:.0} ms",
@@ -567,4 +574,80 @@ async fn the_state_api_answers_bad_calls_with_clear_errors() {
     assert_eq!(m["value"], json!({"color": "red"}));
     let (_, objects) = node.state("GET", "/state/objects", None).await;
     assert_eq!(objects["objects"].as_array().map(Vec::len), Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_stay_at_the_edge_and_writes_go_to_the_center() {
+    // A regional read replica near Tokyo and the central write origin far away.
+    let replica = Origin::echo("ap-northeast").await;
+    let center = Origin::echo("us-east").await;
+    let node = Node::start(
+        &NodeConfig::new()
+            .id("edge-rw")
+            .origin("replicas", &[(&replica, TOKYO)], "")
+            .origin("center", &[(&center, PORTLAND)], "")
+            .route(
+                "api",
+                "/",
+                "replicas",
+                "write_origin = \"center\"\n[routes.cache]\ndefault_ttl = \"1m\"",
+            ),
+    )
+    .await;
+    let c = client();
+    for _ in 0..2 {
+        let r = c
+            .get(node.url("/cache/product-1"))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.headers()["x-origin-region"], "ap-northeast");
+    }
+    for method in ["POST", "PUT", "PATCH", "DELETE"] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let r = c
+            .request(m, node.url("/echo/sale"))
+            .body("{}")
+            .send()
+            .await
+            .expect("write");
+        assert_eq!(r.status(), 200, "{method}");
+        assert_eq!(
+            r.headers()["x-origin-region"],
+            "us-east",
+            "{method} goes to the center"
+        );
+    }
+    for method in ["HEAD", "OPTIONS"] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let r = c
+            .request(m, node.url("/echo/x"))
+            .send()
+            .await
+            .expect("read");
+        assert_eq!(
+            r.headers()["x-origin-region"],
+            "ap-northeast",
+            "{method} stays near"
+        );
+    }
+    // A write through the edge invalidates the edge's cached copy of that URL.
+    let before = replica.cache_count("product-1").await;
+    let r = c
+        .post(node.url("/cache/product-1"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.headers()["x-origin-region"], "us-east");
+    let r = c
+        .get(node.url("/cache/product-1"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.headers()["x-origin-region"], "ap-northeast");
+    assert_eq!(
+        replica.cache_count("product-1").await,
+        before + 1,
+        "refetched after the write"
+    );
 }
