@@ -966,7 +966,11 @@ fn apply(
             for change in changes {
                 let r = match change {
                     Change::Kv(w) => {
-                        let _ = clock.observe(&w.stamp, now_ms());
+                        if let Err(drift) = clock.observe(&w.stamp, now_ms()) {
+                            // The write still counts (LWW must agree everywhere); the clock
+                            // does not jump ahead with it. A node's clock is probably wrong.
+                            tracing::warn!(error = %drift, key = %w.key, "A replicated write is stamped far in the future; check the nodes' clocks (NTP).");
+                        }
                         kv_upsert(tx, &w).inspect(|&changed| {
                             if changed {
                                 staged.dirty.kv_buckets.insert(kv_bucket(&w.ns, &w.key));

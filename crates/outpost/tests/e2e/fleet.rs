@@ -651,3 +651,36 @@ async fn reads_stay_at_the_edge_and_writes_go_to_the_center() {
         "refetched after the write"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_protected_backbone_needs_the_token() {
+    let hub = Nats::hub_with("authorization { token: \"fleet-secret\" }");
+    let with_token = |id: &str, token: &str| {
+        let cfg = NodeConfig::new().id(id).raw(&format!(
+            "[fleet]\nnats = \"{}\"\njetstream_domain = \"hub\"\ntoken_file = \"nats.token\"\n",
+            hub.url()
+        ));
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("nats.token"), format!("{token}\n")).expect("token");
+        (dir, cfg.render())
+    };
+    let (dir, toml) = with_token("good", "fleet-secret");
+    let good = Node::start_in(dir, &toml).await;
+    let (dir, toml) = with_token("bad", "wrong");
+    let bad = Node::start_in(dir, &toml).await;
+    eventually("the node with the token joins", SECS(15), || async {
+        good.state("GET", "/state/fleet", None).await.1["fleet"]["connected"] == true
+    })
+    .await;
+    // The node with the wrong token still serves and writes locally, and says why it is alone.
+    incr(&bad, "n", 1).await;
+    eventually("the refusal is logged", SECS(15), || async {
+        bad.logs.contains("uthorization")
+    })
+    .await;
+    assert_eq!(
+        bad.state("GET", "/state/fleet", None).await.1["fleet"]["connected"],
+        false
+    );
+    assert_eq!(counter(&bad, "n").await, 1);
+}

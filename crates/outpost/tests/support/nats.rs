@@ -46,6 +46,11 @@ pub struct Nats {
 impl Nats {
     /// A JetStream hub (domain `hub`, fsync on every write) accepting leaf nodes.
     pub fn hub() -> Nats {
+        Nats::hub_with("")
+    }
+
+    /// A hub with extra server configuration (e.g. `authorization { token: … }`).
+    pub fn hub_with(extra: &str) -> Nats {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let leaf = free_port();
@@ -53,7 +58,7 @@ impl Nats {
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\", sync_interval: always, domain: hub }}\nleafnodes {{ listen: 127.0.0.1:{leaf} }}\n",
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\", sync_interval: always, domain: hub }}\nleafnodes {{ listen: 127.0.0.1:{leaf} }}\n{extra}\n",
                 dir.path().join("js").display()
             ),
         )
