@@ -63,6 +63,9 @@ pub enum StoreError {
         /// The type the operation needs.
         wanted: &'static str,
     },
+    /// A bounded queue (the outbox) has no room; the message names the limit.
+    #[error("{0}")]
+    Full(String),
     /// Stored or received bytes that do not decode (a bug or a foreign publisher).
     #[error("cannot decode stored state: {0}")]
     Decode(String),

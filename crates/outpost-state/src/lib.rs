@@ -7,6 +7,7 @@
 //! - [`crdt`]: delta-state CRDTs (G-Counter, PN-Counter, OR-Set with dots and a causal context,
 //!   LWW register and map on hybrid logical clocks). Pure data, property-tested.
 //! - [`change`]: the unit of replication (a KV write or a CRDT delta) and its wire form.
+//! - [`outbox`]: writes kept (fsync'd) until the center takes them, settled per entry.
 //! - [`schema`]: opening the file, telling ours from foreign or damaged files, migrations.
 //!
 //! Nothing here knows about NATS: `outpost-fleet` moves [`change::Batch`]es between stores.
@@ -14,6 +15,7 @@
 pub mod change;
 pub mod crdt;
 mod error;
+pub mod outbox;
 pub mod schema;
 pub mod store;
 

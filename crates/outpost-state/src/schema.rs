@@ -46,6 +46,27 @@ const MIGRATIONS: &[&str] = &[
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         change BLOB NOT NULL
     ) STRICT;",
+    // 2: the outbox (writes kept until the center takes them).
+    "CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        route TEXT NOT NULL,
+        order_key TEXT NOT NULL,
+        method TEXT NOT NULL,
+        uri TEXT NOT NULL,
+        headers BLOB NOT NULL,
+        body BLOB NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        identity TEXT,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        next_attempt_ms INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        last_error TEXT,
+        response BLOB
+    ) STRICT;
+    CREATE INDEX outbox_queue ON outbox (state, order_key, seq);",
 ];
 
 /// Opens (creating if needed) the store file for writing, checks it is ours, runs migrations.

@@ -23,7 +23,7 @@ use tokio::sync::{Notify, oneshot};
 use crate::StoreError;
 use crate::change::{Change, KvWrite, stamp_bytes, stamp_from_bytes};
 use crate::crdt::{Crdt, Hlc, HlcClock, Kind, ReplicaId};
-use crate::schema;
+use crate::{outbox, schema};
 
 /// The database file's name inside `data_dir`.
 pub const FILE_NAME: &str = "outpost.db";
@@ -156,6 +156,10 @@ struct Shared {
     logged: Notify,
     /// Read-only connections for KV reads.
     readers: Vec<Mutex<Connection>>,
+    /// Queued outbox entries and bytes per route, as of the last commit.
+    depths: Mutex<outbox::Depths>,
+    /// Woken after a commit that queued outbox entries.
+    queued: Notify,
 }
 
 enum Job {
@@ -180,6 +184,16 @@ enum Job {
         now_ms: u64,
         reply: oneshot::Sender<Result<SweepStats, StoreError>>,
     },
+    OutboxPut {
+        entry: Box<outbox::NewEntry>,
+        limits: outbox::Limits,
+        reply: oneshot::Sender<Result<i64, StoreError>>,
+    },
+    OutboxSettle {
+        id: String,
+        settlement: outbox::Settlement,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 struct PendingKv {
@@ -202,6 +216,7 @@ impl Store {
         let conn = schema::open_writer(&path)?;
         let replica = replica_id(&conn)?;
         let (objects, journal) = load_objects(&conn)?;
+        let depths = outbox::load_depths(&conn)?;
         let mut clock = HlcClock::new(replica);
         if let Some(last) = last_stamp(&conn)? {
             // Never issue a stamp below one already written, even if the wall clock went back.
@@ -218,6 +233,8 @@ impl Store {
             dirty: Mutex::new(Dirty::default()),
             logged: Notify::new(),
             readers,
+            depths: Mutex::new(depths),
+            queued: Notify::new(),
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let mut writer = Writer {
@@ -575,6 +592,66 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Keeps a write for the center, durably (the caller answers 202 only after this returns);
+    /// refused with [`StoreError::Full`] when the route's queue is at its limits.
+    pub async fn outbox_put(
+        &self,
+        entry: outbox::NewEntry,
+        limits: outbox::Limits,
+    ) -> Result<i64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::OutboxPut {
+            entry: Box::new(entry),
+            limits,
+            reply,
+        })?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records how a delivery attempt ended.
+    pub async fn outbox_settle(
+        &self,
+        id: &str,
+        settlement: outbox::Settlement,
+    ) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::OutboxSettle {
+            id: id.to_owned(),
+            settlement,
+            reply,
+        })?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Entries due for an attempt: the oldest queued one of each order key, if its time came.
+    pub fn outbox_due(&self, limit: usize) -> Result<Vec<outbox::Entry>, StoreError> {
+        self.read(|conn| outbox::due(conn, now_ms(), limit))
+    }
+
+    /// One entry, for the status API.
+    pub fn outbox_get(&self, id: &str) -> Result<Option<outbox::Entry>, StoreError> {
+        self.read(|conn| outbox::get(conn, id))
+    }
+
+    /// Queued entries and bytes per route.
+    pub fn outbox_depths(&self) -> outbox::Depths {
+        self.shared
+            .depths
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default()
+    }
+
+    /// When the oldest queued entry was accepted (Unix ms).
+    pub fn outbox_oldest(&self) -> Result<Option<u64>, StoreError> {
+        self.read(outbox::oldest_queued)
+    }
+
+    /// Woken when entries were queued.
+    pub async fn outbox_queued(&self) {
+        self.shared.queued.notified().await;
+    }
+
     fn send(&self, job: Job) -> Result<(), StoreError> {
         self.jobs.send(job).map_err(|_| StoreError::Closed)
     }
@@ -707,6 +784,8 @@ enum Done {
     Remote(oneshot::Sender<Result<usize, StoreError>>, usize),
     Published(oneshot::Sender<Result<(), StoreError>>),
     Sweep(oneshot::Sender<Result<SweepStats, StoreError>>, SweepStats),
+    OutboxPut(oneshot::Sender<Result<i64, StoreError>>, i64),
+    OutboxSettle(oneshot::Sender<Result<(), StoreError>>),
     Failed(Job, StoreError),
 }
 
@@ -717,6 +796,9 @@ struct Staged {
     dirty: Dirty,
     logged: bool,
     last_stamp: Option<Hlc>,
+    /// Outbox depth changes per route: (entries, bytes), signed.
+    depths: HashMap<String, (i64, i64)>,
+    queued: bool,
 }
 
 impl Writer {
@@ -786,6 +868,19 @@ impl Writer {
                     self.shared.logged.notify_waiters();
                     self.shared.logged.notify_one();
                 }
+                if !staged.depths.is_empty()
+                    && let Ok(mut depths) = self.shared.depths.lock()
+                {
+                    for (route, (n, b)) in staged.depths {
+                        let d = depths.entry(route).or_default();
+                        d.entries = (d.entries as i64 + n).max(0) as u64;
+                        d.bytes = (d.bytes as i64 + b).max(0) as u64;
+                    }
+                }
+                if staged.queued {
+                    self.shared.queued.notify_waiters();
+                    self.shared.queued.notify_one();
+                }
                 for d in done {
                     self.answer(d);
                 }
@@ -828,6 +923,12 @@ impl Writer {
             Done::Sweep(tx, stats) => {
                 let _ = tx.send(Ok(stats));
             }
+            Done::OutboxPut(tx, seq) => {
+                let _ = tx.send(Ok(seq));
+            }
+            Done::OutboxSettle(tx) => {
+                let _ = tx.send(Ok(()));
+            }
             Done::Failed(job, e) => fail_job(job, e),
         }
     }
@@ -850,6 +951,12 @@ fn fail(done: Done, err: StoreError) {
         Done::Sweep(tx, _) => {
             let _ = tx.send(Err(err));
         }
+        Done::OutboxPut(tx, _) => {
+            let _ = tx.send(Err(err));
+        }
+        Done::OutboxSettle(tx) => {
+            let _ = tx.send(Err(err));
+        }
         Done::Failed(job, e) => fail_job(job, e),
     }
 }
@@ -869,6 +976,12 @@ fn fail_job(job: Job, err: StoreError) {
             let _ = reply.send(Err(err));
         }
         Job::Sweep { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Job::OutboxPut { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Job::OutboxSettle { reply, .. } => {
             let _ = reply.send(Err(err));
         }
     }
@@ -1012,6 +1125,58 @@ fn apply(
                 Err(e) => Done::Failed(Job::Published { upto, reply }, e.into()),
             }
         }
+        Job::OutboxPut {
+            entry,
+            limits,
+            reply,
+        } => {
+            // Depth as of the last commit plus what this batch already queued.
+            let mut depths = shared.depths.lock().map(|d| d.clone()).unwrap_or_default();
+            for (route, (n, b)) in &staged.depths {
+                let d = depths.entry(route.clone()).or_default();
+                d.entries = (d.entries as i64 + n).max(0) as u64;
+                d.bytes = (d.bytes as i64 + b).max(0) as u64;
+            }
+            match outbox::insert(tx, &depths, &entry, limits, now_ms()) {
+                Ok(seq) => {
+                    let d = staged.depths.entry(entry.route.clone()).or_default();
+                    d.0 += 1;
+                    d.1 += entry.body.len() as i64;
+                    staged.queued = true;
+                    Done::OutboxPut(reply, seq)
+                }
+                Err(e) => Done::Failed(
+                    Job::OutboxPut {
+                        entry,
+                        limits,
+                        reply,
+                    },
+                    e,
+                ),
+            }
+        }
+        Job::OutboxSettle {
+            id,
+            settlement,
+            reply,
+        } => match outbox::settle(tx, &id, &settlement, now_ms()) {
+            Ok(left) => {
+                if let Some((route, bytes)) = left {
+                    let d = staged.depths.entry(route).or_default();
+                    d.0 -= 1;
+                    d.1 -= bytes as i64;
+                }
+                Done::OutboxSettle(reply)
+            }
+            Err(e) => Done::Failed(
+                Job::OutboxSettle {
+                    id,
+                    settlement,
+                    reply,
+                },
+                e,
+            ),
+        },
         Job::Sweep { now_ms, reply } => {
             let horizon = now_ms.saturating_sub(shared.options.tombstone_ttl.as_millis() as u64);
             let r = (|| -> Result<SweepStats, StoreError> {
@@ -1024,6 +1189,7 @@ fn apply(
                     "DELETE FROM kv WHERE value IS NULL AND stamp_ms < ?1",
                     params![horizon as i64],
                 )?;
+                outbox::forget_settled(tx, horizon)?;
                 Ok(SweepStats { expired, forgotten })
             })();
             match r {

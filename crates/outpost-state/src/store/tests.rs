@@ -373,3 +373,118 @@ async fn a_bucket_snapshot_carries_tombstones() {
     assert!(t.kv_get("ns", "k").expect("get").is_none());
     assert_eq!(t.kv_bucket(kv_bucket("ns", "k")).expect("bucket").len(), 1);
 }
+
+fn entry(id: &str, key: &str, body: &str) -> crate::outbox::NewEntry {
+    crate::outbox::NewEntry {
+        id: id.into(),
+        route: "pos".into(),
+        order_key: key.into(),
+        method: "POST".into(),
+        uri: "/sales".into(),
+        headers: vec![("content-type".into(), b"application/json".to_vec())],
+        body: body.as_bytes().to_vec(),
+        idempotency_key: format!("k-{id}"),
+        identity: None,
+    }
+}
+
+const ROOMY: crate::outbox::Limits = crate::outbox::Limits {
+    max_entries: 100,
+    max_bytes: 1 << 20,
+};
+
+fn answer(status: u16) -> crate::outbox::StoredResponse {
+    crate::outbox::StoredResponse {
+        status,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: b"{}".to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn outbox_entries_are_due_in_order_per_key_and_settle() {
+    use crate::outbox::{OutboxState, Settlement};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path(), false);
+    for (id, key) in [("a1", "store-a"), ("b1", "store-b"), ("a2", "store-a")] {
+        s.outbox_put(entry(id, key, "{}"), ROOMY).await.expect("put");
+    }
+    assert_eq!(s.outbox_depths()["pos"].entries, 3);
+    let due: Vec<_> = s.outbox_due(10).expect("due").into_iter().map(|e| e.new.id).collect();
+    assert_eq!(due, ["a1", "b1"], "one head per order key");
+
+    // a1 fails for now: it is retried later, and a2 waits behind it.
+    s.outbox_settle(
+        "a1",
+        Settlement::Retry {
+            next_ms: now_ms() + 60_000,
+            error: "connect refused".into(),
+        },
+    )
+    .await
+    .expect("retry");
+    let due: Vec<_> = s.outbox_due(10).expect("due").into_iter().map(|e| e.new.id).collect();
+    assert_eq!(due, ["b1"]);
+    let a1 = s.outbox_get("a1").expect("get").expect("exists");
+    assert_eq!((a1.state, a1.attempts), (OutboxState::Queued, 1));
+    assert_eq!(a1.last_error.as_deref(), Some("connect refused"));
+
+    s.outbox_settle("b1", Settlement::Delivered(answer(201)))
+        .await
+        .expect("delivered");
+    s.outbox_settle("b1", Settlement::Failed(answer(400)))
+        .await
+        .expect("a second settlement is ignored");
+    let b1 = s.outbox_get("b1").expect("get").expect("exists");
+    assert_eq!(b1.state, OutboxState::Delivered);
+    assert_eq!(b1.response.map(|r| r.status), Some(201));
+    assert!(b1.new.body.is_empty(), "the body is dropped once delivered");
+    assert_eq!(s.outbox_depths()["pos"].entries, 2);
+
+    // Permanent refusal: visible as failed, and the next entry of the key becomes due.
+    s.outbox_settle("a1", Settlement::Failed(answer(422)))
+        .await
+        .expect("failed");
+    let due: Vec<_> = s.outbox_due(10).expect("due").into_iter().map(|e| e.new.id).collect();
+    assert_eq!(due, ["a2"]);
+    assert_eq!(
+        s.outbox_get("a1").expect("get").map(|e| e.state),
+        Some(OutboxState::Failed)
+    );
+}
+
+#[tokio::test]
+async fn a_full_outbox_refuses_and_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = crate::outbox::Limits {
+        max_entries: 2,
+        max_bytes: 1 << 20,
+    };
+    {
+        let s = open(dir.path(), false);
+        s.outbox_put(entry("1", "k", "x"), limits).await.expect("put");
+        s.outbox_put(entry("2", "k", "x"), limits).await.expect("put");
+        let err = s
+            .outbox_put(entry("3", "k", "x"), limits)
+            .await
+            .expect_err("full");
+        assert!(matches!(err, StoreError::Full(_)), "{err}");
+        assert!(err.to_string().contains("2 entries"), "{err}");
+        let small = crate::outbox::Limits {
+            max_entries: 10,
+            max_bytes: 3,
+        };
+        let err = s
+            .outbox_put(entry("4", "k", "xxxx"), small)
+            .await
+            .expect_err("bytes");
+        assert!(matches!(err, StoreError::Full(_)), "{err}");
+    }
+    let s = open(dir.path(), false);
+    assert_eq!(s.outbox_depths()["pos"].entries, 2, "depth is reloaded");
+    assert!(s.outbox_oldest().expect("oldest").is_some());
+    let due = s.outbox_due(10).expect("due");
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].new.headers[0].0, "content-type");
+    assert_eq!(due[0].new.idempotency_key, "k-1");
+}
