@@ -96,6 +96,60 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("outpost-data")
 }
 
+/// A route's outbox: store-and-forward for writes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteOutbox {
+    /// `fallback`: try the center first and keep the write only when it is unreachable
+    /// (connect failure, timeout, 502/503/504); `always`: keep every write and answer 202 at
+    /// once (write-behind).
+    #[serde(default)]
+    pub mode: OutboxMode,
+    /// Writes with the same key are delivered in the order they were accepted: `route` (one
+    /// queue for the route) or `header:<name>` (e.g. `header:x-store-id`).
+    #[serde(default = "default_order_key")]
+    pub order_key: String,
+    /// Most writes waiting for this route; beyond it new writes get 507.
+    #[serde(default = "default_outbox_entries")]
+    pub max_entries: u64,
+    /// Most body bytes waiting for this route.
+    #[serde(default = "default_outbox_bytes")]
+    pub max_bytes: ByteSize,
+    /// First retry delay; doubles (with jitter) up to `retry_max`.
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest delay between two attempts.
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+/// When the outbox keeps a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxMode {
+    /// Only when the center cannot take it now.
+    #[default]
+    Fallback,
+    /// Always (write-behind: the client never waits for the center).
+    Always,
+}
+
+fn default_order_key() -> String {
+    "route".to_owned()
+}
+fn default_outbox_entries() -> u64 {
+    100_000
+}
+fn default_outbox_bytes() -> ByteSize {
+    ByteSize::gib(1)
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(300)
+}
+
 /// Local store settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -500,6 +554,10 @@ pub struct Route {
     /// Remove the prefix before forwarding (and send `X-Forwarded-Prefix`).
     #[serde(default)]
     pub strip_prefix: bool,
+    /// Keep unsafe requests the center cannot take now, and deliver them later (exactly once
+    /// with the center's idempotency helper).
+    #[serde(default)]
+    pub outbox: Option<RouteOutbox>,
     /// Origin group for unsafe methods (POST, PUT, PATCH, DELETE …): reads are served near
     /// the user (edge cache, regional replicas in `origin`), writes go to the center.
     #[serde(default)]

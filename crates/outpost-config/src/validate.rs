@@ -768,6 +768,42 @@ fn check_routes(c: &mut Checker, config: &Config) {
                 Some(help),
             );
         }
+        if let Some(o) = &r.outbox {
+            let key_ok = o.order_key == "route"
+                || o.order_key
+                    .strip_prefix("header:")
+                    .is_some_and(|h| http::header::HeaderName::from_bytes(h.as_bytes()).is_ok());
+            if !key_ok {
+                c.report(
+                    path(&[&"routes", &i, &"outbox", &"order_key"]),
+                    format!(
+                        "order_key `{}` is not `route` or `header:<name>`",
+                        o.order_key
+                    ),
+                    "unknown order key",
+                    Some("e.g. \"route\" or \"header:x-store-id\"".to_owned()),
+                );
+            }
+            if o.max_entries == 0 || o.max_bytes.as_u64() == 0 {
+                c.report(
+                    path(&[&"routes", &i, &"outbox"]),
+                    "the outbox limits must be positive".to_owned(),
+                    "zero limit",
+                    Some(
+                        "max_entries and max_bytes bound what waits; e.g. 100000 and \"1 GiB\""
+                            .to_owned(),
+                    ),
+                );
+            }
+            if o.retry_initial.is_zero() || o.retry_initial > o.retry_max {
+                c.report(
+                    path(&[&"routes", &i, &"outbox", &"retry_initial"]),
+                    "retry_initial must be positive and at most retry_max".to_owned(),
+                    "bad backoff",
+                    Some("e.g. retry_initial = \"1s\", retry_max = \"5m\"".to_owned()),
+                );
+            }
+        }
         if !r.path_prefix.starts_with('/') {
             c.report(
                 path(&[&"routes", &i, &"path_prefix"]),

@@ -83,6 +83,12 @@ pub enum ProxyError {
         /// The allowed regions.
         regions: String,
     },
+    /// The route's outbox is at its limits while the center is unreachable.
+    #[error("{0}; the write was not accepted, retry later")]
+    OutboxFull(String),
+    /// The local store could not keep the write.
+    #[error("the write could not be stored at the edge ({0}); retry later")]
+    Store(String),
 }
 
 impl ProxyError {
@@ -101,7 +107,9 @@ impl ProxyError {
             | ProxyError::OriginTimeout { .. }
             | ProxyError::OriginConnect { .. }
             | ProxyError::OriginBroken { .. } => ErrorSource::Upstream,
-            ProxyError::Loop => ErrorSource::Internal,
+            ProxyError::Loop | ProxyError::OutboxFull(_) | ProxyError::Store(_) => {
+                ErrorSource::Internal
+            }
         }
     }
 
@@ -122,6 +130,8 @@ impl ProxyError {
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Geo(_) => StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS,
             ProxyError::NoResidentEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::OutboxFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ProxyError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -142,6 +152,8 @@ impl ProxyError {
             ProxyError::RateLimited(_) => "rate-limited",
             ProxyError::Geo(_) => "unavailable-for-legal-reasons",
             ProxyError::NoResidentEndpoint { .. } => "no-resident-endpoint",
+            ProxyError::OutboxFull(_) => "outbox-full",
+            ProxyError::Store(_) => "store-unavailable",
         }
     }
 

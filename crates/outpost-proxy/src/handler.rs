@@ -240,6 +240,19 @@ async fn proxy(
     if path == JWKS_PATH && (req.method() == Method::GET || req.method() == Method::HEAD) {
         return (None, Ok(jwks(snap)));
     }
+    if let Some(id) = path.strip_prefix(crate::outbox::STATUS_PATH)
+        && (req.method() == Method::GET || req.method() == Method::HEAD)
+    {
+        return (
+            None,
+            crate::outbox::status(node, id).map(|response| Forwarded {
+                response,
+                origin_ms: None,
+                region: None,
+                cache: None,
+            }),
+        );
+    }
     let host = request_host(req.uri(), req.headers()).unwrap_or("");
     let Some(index) = snap.table.find(host, path) else {
         return (None, Err(ProxyError::NoRoute));
@@ -471,6 +484,23 @@ async fn forward(
         }),
     };
 
+    if let Some(policy) = &route.outbox
+        && !parts.method.is_safe()
+    {
+        return keep_or_forward(
+            node,
+            route,
+            policy,
+            ctx,
+            &hop,
+            (&parts.method, &parts.uri),
+            path_and_query,
+            headers,
+            body,
+        )
+        .await;
+    }
+
     let Some(rc) = &route.cache else {
         hop.add_forwarding(&mut headers, ctx);
         return send_to_origin(
@@ -480,7 +510,7 @@ async fn forward(
             &parts.method,
             &path_and_query,
             headers,
-            Some(body),
+            OutgoingBody::Stream(body),
         )
         .await;
     };
@@ -555,6 +585,96 @@ async fn forward(
     .await
 }
 
+/// An unsafe request on an outbox route: to the center now (fallback mode) and kept only when
+/// the center cannot take it, or kept at once (always mode). Either way it carries an
+/// `Idempotency-Key`, the same one on every later delivery.
+#[expect(clippy::too_many_arguments, reason = "the request's whole context")]
+async fn keep_or_forward(
+    node: &Node,
+    route: &RouteRuntime,
+    policy: &crate::outbox::OutboxPolicy,
+    ctx: &RequestContext,
+    hop: &Hop,
+    (method, uri): (&Method, &http::Uri),
+    path_and_query: String,
+    mut headers: HeaderMap,
+    body: Incoming,
+) -> Result<Forwarded, ProxyError> {
+    use crate::outbox;
+    let key = outbox::idempotency_key(&headers)?;
+    let bytes = outbox::read_body(body, route.max_body).await?;
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        headers.insert(outbox::IDEMPOTENCY_KEY, v);
+    }
+    let order_key = match &policy.order_header {
+        Some(h) => format!(
+            "{}\u{1f}{}",
+            route.name,
+            headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("")
+        ),
+        None => route.name.clone(),
+    };
+    let mut plain = headers;
+    hop.add_plain_forwarding(&mut plain, ctx);
+    let reason = if policy.mode == outpost_config::OutboxMode::Always {
+        "write-behind route".to_owned()
+    } else {
+        let mut now = plain.clone();
+        hop.add_identity(&mut now);
+        match send_to_origin(
+            route,
+            &ctx.request_id,
+            ctx.location.point,
+            method,
+            &path_and_query,
+            now,
+            OutgoingBody::Buffered(bytes.clone()),
+        )
+        .await
+        {
+            Ok(f) if !outbox::center_unavailable(f.response.status()) => {
+                let status = f.response.status();
+                if let Some(rc) = &route.cache
+                    && (status.is_success() || status.is_redirection())
+                {
+                    let client_pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+                    node.cache().invalidate(
+                        &rc.policy.key,
+                        hop.host.as_deref().unwrap_or(""),
+                        client_pq,
+                        f.response.headers(),
+                    );
+                }
+                return Ok(f);
+            }
+            Ok(f) => format!("the center answered {}", f.response.status()),
+            Err(e) if outbox::retryable(&e) => e.to_string(),
+            Err(e) => return Err(e),
+        }
+    };
+    let entry = outpost_state::outbox::NewEntry {
+        id: outbox::new_id()?,
+        route: route.name.clone(),
+        order_key,
+        method: method.as_str().to_owned(),
+        uri: path_and_query,
+        headers: outbox::headers_to_store(&plain),
+        body: bytes.to_vec(),
+        idempotency_key: key,
+        identity: hop
+            .identity
+            .as_ref()
+            .map(|i| serde_json::Value::Object(i.claims.clone()).to_string()),
+    };
+    let response = outbox::keep(node, route, policy, entry, &reason).await?;
+    Ok(Forwarded {
+        response,
+        origin_ms: None,
+        region: None,
+        cache: None,
+    })
+}
+
 /// A request the cache cannot answer (unsafe method, or a GET with a body) on a cached route:
 /// forwarded as it is; a successful unsafe request invalidates what is stored for its URL.
 #[expect(clippy::too_many_arguments, reason = "the request's whole context")]
@@ -587,7 +707,7 @@ async fn bypass(
         method,
         &path_and_query,
         headers,
-        Some(body),
+        OutgoingBody::Stream(body),
     )
     .await?;
     let status = f.response.status();
@@ -624,12 +744,22 @@ struct Identity {
 
 impl Hop {
     fn add_forwarding(&self, headers: &mut HeaderMap, ctx: &RequestContext) {
+        self.add_identity(headers);
+        self.add_plain_forwarding(headers, ctx);
+    }
+
+    /// A freshly signed `x-outpost-identity`, on routes that forward one.
+    fn add_identity(&self, headers: &mut HeaderMap) {
         if let Some(id) = &self.identity {
             let token = id.signer.sign(&id.audience, id.claims.clone());
             if let Ok(v) = HeaderValue::try_from(token) {
                 headers.insert(IDENTITY_HEADER, v);
             }
         }
+    }
+
+    /// `X-Forwarded-*`, `Via`, request id and trace context.
+    fn add_plain_forwarding(&self, headers: &mut HeaderMap, ctx: &RequestContext) {
         let peer_ip = self.peer.to_string();
         filters::add_forwarding(
             headers,
@@ -680,7 +810,7 @@ impl Upstream for OriginFetch {
                 &method,
                 &path_and_query,
                 headers,
-                None,
+                OutgoingBody::Empty,
             )
             .await?;
             let mut response = f.response;
@@ -705,7 +835,7 @@ async fn send_to_origin(
     method: &Method,
     path_and_query: &str,
     headers: HeaderMap,
-    body: Option<Incoming>,
+    body: OutgoingBody,
 ) -> Result<Forwarded, ProxyError> {
     let too_large = ProxyError::PayloadTooLarge {
         limit: route.max_body,
@@ -730,7 +860,8 @@ async fn send_to_origin(
     // body is made replayable only when a second endpoint could receive it.
     let mut exceeded = None;
     let mut source = match body {
-        Some(body) if !body.is_end_stream() => {
+        OutgoingBody::Buffered(bytes) => BodySource::Buffered(bytes),
+        OutgoingBody::Stream(body) if !body.is_end_stream() => {
             let flag = Arc::new(AtomicBool::new(false));
             let limited = boxed(LimitedBody::new(body, route.max_body, flag.clone()));
             exceeded = Some(flag);
@@ -803,10 +934,45 @@ async fn send_to_origin(
     Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(group.name.clone())))
 }
 
+/// The request body to send: none, the client's stream, or bytes already read (outbox).
+pub(crate) enum OutgoingBody {
+    /// No body.
+    Empty,
+    /// The client's body, streamed.
+    Stream(Incoming),
+    /// A body read whole; every attempt can send it.
+    Buffered(bytes::Bytes),
+}
+
+/// The origin stage for a body already in memory (the outbox deliverer's way in).
+pub(crate) async fn send_buffered(
+    route: &RouteRuntime,
+    request_id: &str,
+    at: GeoPoint,
+    method: &Method,
+    path_and_query: &str,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    send_to_origin(
+        route,
+        request_id,
+        at,
+        method,
+        path_and_query,
+        headers,
+        OutgoingBody::Buffered(body),
+    )
+    .await
+    .map(|f| f.response)
+}
+
 /// Where each attempt's request body comes from.
 enum BodySource {
     /// No body: every attempt gets an empty one.
     Empty,
+    /// Bytes in memory: any number of attempts.
+    Buffered(bytes::Bytes),
     /// One attempt only: the body is handed over once.
     Once(Option<ProxyBody>),
     /// A second attempt is possible while the first never polled the body.
@@ -817,6 +983,7 @@ impl BodySource {
     fn attempt(&mut self) -> ProxyBody {
         match self {
             BodySource::Empty => empty(),
+            BodySource::Buffered(b) => crate::body::full(b.clone()),
             BodySource::Once(body) => body.take().unwrap_or_else(empty),
             BodySource::Replay(r) => r.attempt(),
         }
@@ -824,7 +991,7 @@ impl BodySource {
 
     fn can_retry(&self) -> bool {
         match self {
-            BodySource::Empty => true,
+            BodySource::Empty | BodySource::Buffered(_) => true,
             BodySource::Once(_) => false,
             BodySource::Replay(r) => r.is_untouched(),
         }

@@ -19,6 +19,7 @@ pub mod geo;
 pub mod handler;
 pub mod node;
 pub mod origin;
+pub mod outbox;
 pub mod routing;
 pub mod server;
 pub mod tls;

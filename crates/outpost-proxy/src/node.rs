@@ -30,6 +30,8 @@ pub struct RouteRuntime {
     pub group: Arc<OriginGroup>,
     /// Origin group for unsafe methods (the center), when reads and writes go apart.
     pub write_group: Option<Arc<OriginGroup>>,
+    /// Store-and-forward for writes, when the route has an outbox.
+    pub outbox: Option<crate::outbox::OutboxPolicy>,
     /// Matched prefix, stripped before forwarding when `strip_prefix` is set.
     pub prefix: String,
     /// Whether to strip the prefix.
@@ -410,6 +412,10 @@ impl Snapshot {
             routes.push(RouteRuntime {
                 name: r.name.clone(),
                 write_group,
+                outbox: r
+                    .outbox
+                    .as_ref()
+                    .map(crate::outbox::OutboxPolicy::from_config),
                 timeout: r.timeout.unwrap_or(group.response_timeout),
                 group,
                 prefix: r.path_prefix.clone(),
@@ -474,6 +480,8 @@ pub struct Node {
     /// One cache for every route; its storage is sized at start-up and kept across reloads.
     cache: Cache,
     storage: StorageConfig,
+    /// The node's local store (outbox), attached once by the binary after it is opened.
+    store: std::sync::OnceLock<outpost_state::Store>,
 }
 
 impl std::fmt::Debug for Node {
@@ -495,6 +503,7 @@ impl Node {
             metrics,
             cache,
             storage,
+            store: std::sync::OnceLock::new(),
         }))
     }
 
@@ -513,6 +522,16 @@ impl Node {
         let snap = Snapshot::build(config, Some(&previous), &self.metrics, guards)?;
         self.current.store(Arc::new(snap));
         Ok(())
+    }
+
+    /// Attaches the local store (once; later calls are ignored).
+    pub fn attach_store(&self, store: outpost_state::Store) {
+        let _ = self.store.set(store);
+    }
+
+    /// The local store, when attached.
+    pub fn store(&self) -> Option<&outpost_state::Store> {
+        self.store.get()
     }
 
     /// The snapshot to use for one request.

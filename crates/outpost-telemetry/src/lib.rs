@@ -13,4 +13,4 @@ pub mod access;
 pub mod logging;
 pub mod metrics;
 
-pub use metrics::{FleetMetrics, Metrics};
+pub use metrics::{FleetMetrics, Metrics, OutboxEvent};

@@ -169,6 +169,44 @@ pub struct Metrics {
     cache_purges: Family<KindLabels, Counter>,
     guard_rejections: Family<ReasonLabels, Counter>,
     fleet: FleetMetrics,
+    outbox_depth: Family<RouteLabels, Gauge>,
+    outbox_bytes: Family<RouteLabels, Gauge>,
+    outbox_oldest: Gauge<f64, std::sync::atomic::AtomicU64>,
+    outbox_events: Family<OutboxLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutboxLabels {
+    route: String,
+    event: &'static str,
+}
+
+/// What happened to an outbox entry (the `event` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxEvent {
+    /// Kept (client got 202).
+    Queued,
+    /// Refused: the queue was full (507).
+    Rejected,
+    /// The center took it.
+    Delivered,
+    /// An attempt did not deliver it; another will follow.
+    Retried,
+    /// The center refused it for good.
+    Failed,
+}
+
+impl OutboxEvent {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxEvent::Queued => "queued",
+            OutboxEvent::Rejected => "rejected",
+            OutboxEvent::Delivered => "delivered",
+            OutboxEvent::Retried => "retried",
+            OutboxEvent::Failed => "failed",
+        }
+    }
 }
 
 /// The fleet link's health and traffic, shared by `/metrics` and the admin `/state/fleet` view
@@ -341,6 +379,32 @@ impl Metrics {
             "Reads of the fleet's snapshot stream to its end",
             fleet.anti_entropy_rounds.clone(),
         );
+        let outbox_depth = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "outbox_depth",
+            "Writes waiting in a route's outbox for the center",
+            outbox_depth.clone(),
+        );
+        let outbox_bytes = Family::<RouteLabels, Gauge>::default();
+        registry.register_with_unit(
+            "outbox_queued",
+            "Body bytes waiting in a route's outbox",
+            prometheus_client::registry::Unit::Bytes,
+            outbox_bytes.clone(),
+        );
+        let outbox_oldest = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "outbox_oldest_age",
+            "Age of the oldest write still waiting in any outbox (0 when empty)",
+            prometheus_client::registry::Unit::Seconds,
+            outbox_oldest.clone(),
+        );
+        let outbox_events = Family::<OutboxLabels, Counter>::default();
+        registry.register(
+            "outbox_events",
+            "Outbox entries by event (queued, rejected, delivered, retried, failed)",
+            outbox_events.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -365,6 +429,10 @@ impl Metrics {
             cache_purges,
             guard_rejections,
             fleet,
+            outbox_depth,
+            outbox_bytes,
+            outbox_oldest,
+            outbox_events,
         }
     }
 
@@ -413,6 +481,30 @@ impl Metrics {
         self.cache_purges
             .get_or_create(&KindLabels { kind })
             .inc_by(entries);
+    }
+
+    /// Counts one outbox event of `route`.
+    pub fn outbox_event(&self, route: &str, event: OutboxEvent) {
+        self.outbox_events
+            .get_or_create(&OutboxLabels {
+                route: route.to_owned(),
+                event: event.as_str(),
+            })
+            .inc();
+    }
+
+    /// Sets a route's outbox depth and the age of the oldest waiting write.
+    pub fn outbox_depth(&self, route: &str, entries: u64, bytes: u64) {
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        self.outbox_depth.get_or_create(&labels).set(entries as i64);
+        self.outbox_bytes.get_or_create(&labels).set(bytes as i64);
+    }
+
+    /// Sets the age of the oldest waiting write, in seconds.
+    pub fn outbox_oldest(&self, seconds: f64) {
+        self.outbox_oldest.set(seconds);
     }
 
     /// Handles of the fleet link's metrics.

@@ -144,6 +144,8 @@ async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let node = Node::new(config, metrics)
         .await
         .context("cannot build the node from its config")?;
+    node.attach_store(store.clone());
+    outpost_proxy::outbox::spawn_deliverer(node.clone(), store.clone(), background.clone());
     let fleet_link = fleet::start(
         &fleet_config,
         store.clone(),

@@ -11,6 +11,8 @@ mod cache;
 mod fleet;
 #[path = "e2e/guard.rs"]
 mod guard;
+#[path = "e2e/outbox.rs"]
+mod outbox;
 
 use std::time::Duration;
 

@@ -407,10 +407,17 @@ async fn outbox_entries_are_due_in_order_per_key_and_settle() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = open(dir.path(), false);
     for (id, key) in [("a1", "store-a"), ("b1", "store-b"), ("a2", "store-a")] {
-        s.outbox_put(entry(id, key, "{}"), ROOMY).await.expect("put");
+        s.outbox_put(entry(id, key, "{}"), ROOMY)
+            .await
+            .expect("put");
     }
     assert_eq!(s.outbox_depths()["pos"].entries, 3);
-    let due: Vec<_> = s.outbox_due(10).expect("due").into_iter().map(|e| e.new.id).collect();
+    let due: Vec<_> = s
+        .outbox_due(10)
+        .expect("due")
+        .into_iter()
+        .map(|e| e.new.id)
+        .collect();
     assert_eq!(due, ["a1", "b1"], "one head per order key");
 
     // a1 fails for now: it is retried later, and a2 waits behind it.
@@ -423,7 +430,12 @@ async fn outbox_entries_are_due_in_order_per_key_and_settle() {
     )
     .await
     .expect("retry");
-    let due: Vec<_> = s.outbox_due(10).expect("due").into_iter().map(|e| e.new.id).collect();
+    let due: Vec<_> = s
+        .outbox_due(10)
+        .expect("due")
+        .into_iter()
+        .map(|e| e.new.id)
+        .collect();
     assert_eq!(due, ["b1"]);
     let a1 = s.outbox_get("a1").expect("get").expect("exists");
     assert_eq!((a1.state, a1.attempts), (OutboxState::Queued, 1));
@@ -445,7 +457,12 @@ async fn outbox_entries_are_due_in_order_per_key_and_settle() {
     s.outbox_settle("a1", Settlement::Failed(answer(422)))
         .await
         .expect("failed");
-    let due: Vec<_> = s.outbox_due(10).expect("due").into_iter().map(|e| e.new.id).collect();
+    let due: Vec<_> = s
+        .outbox_due(10)
+        .expect("due")
+        .into_iter()
+        .map(|e| e.new.id)
+        .collect();
     assert_eq!(due, ["a2"]);
     assert_eq!(
         s.outbox_get("a1").expect("get").map(|e| e.state),
@@ -462,8 +479,12 @@ async fn a_full_outbox_refuses_and_survives_reopen() {
     };
     {
         let s = open(dir.path(), false);
-        s.outbox_put(entry("1", "k", "x"), limits).await.expect("put");
-        s.outbox_put(entry("2", "k", "x"), limits).await.expect("put");
+        s.outbox_put(entry("1", "k", "x"), limits)
+            .await
+            .expect("put");
+        s.outbox_put(entry("2", "k", "x"), limits)
+            .await
+            .expect("put");
         let err = s
             .outbox_put(entry("3", "k", "x"), limits)
             .await
