@@ -17,7 +17,13 @@ Environment:
     ``<tmp>/outpost-retail-<region>.db``).
 
 Endpoints: ``GET /healthz``, ``GET /products``, ``GET /products/{sku}``,
-``GET /prices/{sku}``, ``POST /sales`` and ``GET /sales``.
+``GET /prices/{sku}``, ``POST /sales``, ``GET /sales`` and ``GET /sales/count``.
+
+``POST /sales`` honours the ``Idempotency-Key`` header that an Outpost edge sends with every
+delivery of a sale it queued in its outbox while this service was unreachable: the sale row
+and the key's record are committed in one SQLite transaction, so a key is applied once even
+if the edge delivers it again after a crash or a timeout; a repeat gets the first response
+(same ``sale_id``) back with ``Idempotent-Replayed: true``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,14 @@ from contextlib import asynccontextmanager, closing
 from datetime import datetime, timezone
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
-from outpost_fastapi import EdgeIdentity, OutpostIdentity
+from fastapi.responses import JSONResponse
+from outpost_fastapi import (
+    EdgeIdentity,
+    IdempotencyKey,
+    IdempotencyStore,
+    IdempotentRequest,
+    OutpostIdentity,
+)
 from pydantic import BaseModel, Field
 
 REGION = os.environ.get("REGION", "us-west")
@@ -112,10 +125,18 @@ def connect() -> sqlite3.Connection:
     return conn
 
 
+# Idempotency keys live in the same database as the sales (table outpost_idempotency), so that
+# POST /sales can commit the sale and the key together (IdempotencyStore.run_once). The table
+# is created in the lifespan, next to the sales table, because SALES_DB is read at startup.
+SALES_IDEMPOTENCY = IdempotencyStore(lambda: connect(), create=False)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     with closing(connect()) as conn, conn:
         conn.execute(_SCHEMA)
+    with closing(connect()) as conn:
+        SALES_IDEMPOTENCY.create_table(conn)
     yield
 
 
@@ -194,26 +215,38 @@ def get_price(sku: str, response: Response) -> Price:
     return Price(sku=sku, price_cents=PRICES_CENTS[sku])
 
 
-@app.post("/sales", status_code=status.HTTP_201_CREATED)
-def record_sale(sale: SaleIn) -> Sale:
+def insert_sale(conn: sqlite3.Connection, record: Sale) -> None:
+    """Write one sale (not committed: the caller's transaction commits it)."""
+    conn.execute(
+        "INSERT INTO sales (sale_id, region, store_id, sku, quantity,"
+        " unit_price_cents, total_cents, created_at)"
+        " VALUES (:sale_id, :region, :store_id, :sku, :quantity,"
+        " :unit_price_cents, :total_cents, :created_at)",
+        record.model_dump(),
+    )
+
+
+@app.post("/sales", status_code=status.HTTP_201_CREATED, response_model=Sale)
+def record_sale(sale: SaleIn, idem: IdempotentRequest = Depends(IdempotencyKey())) -> Response:
     # Sync endpoints run in FastAPI's thread pool, so blocking sqlite3 calls
     # do not stall the event loop.
-    record = Sale(
-        **sale.model_dump(),
-        sale_id=uuid.uuid4().hex,
-        region=REGION,
-        total_cents=sale.quantity * sale.unit_price_cents,
-        created_at=datetime.now(timezone.utc).isoformat(),
-    )
-    with closing(connect()) as conn, conn:
-        conn.execute(
-            "INSERT INTO sales (sale_id, region, store_id, sku, quantity,"
-            " unit_price_cents, total_cents, created_at)"
-            " VALUES (:sale_id, :region, :store_id, :sku, :quantity,"
-            " :unit_price_cents, :total_cents, :created_at)",
-            record.model_dump(),
+    def apply() -> Response:
+        record = Sale(
+            **sale.model_dump(),
+            sale_id=uuid.uuid4().hex,
+            region=REGION,
+            total_cents=sale.quantity * sale.unit_price_cents,
+            created_at=datetime.now(timezone.utc).isoformat(),
         )
-    return record
+        insert_sale(conn, record)
+        return JSONResponse(record.model_dump(), status_code=status.HTTP_201_CREATED)
+
+    # Without an Idempotency-Key this is a plain insert + commit. With one, run_once opens the
+    # transaction (BEGIN IMMEDIATE), replays the stored response if the key is already known,
+    # and otherwise commits the sale and the key's record together: no crash can leave a sale
+    # whose key is forgotten (which a redelivery would insert again) or the reverse.
+    with closing(connect()) as conn:
+        return SALES_IDEMPOTENCY.run_once(conn, idem, apply)
 
 
 @app.get("/sales")
@@ -224,3 +257,11 @@ def list_sales() -> list[Sale]:
             " total_cents, created_at FROM sales ORDER BY id DESC LIMIT 100"
         ).fetchall()
     return [Sale(**dict(row)) for row in rows]
+
+
+@app.get("/sales/count")
+def count_sales() -> dict[str, int]:
+    """How many sales are stored (e.g. to check that redelivered sales were applied once)."""
+    with closing(connect()) as conn:
+        (n,) = conn.execute("SELECT COUNT(*) FROM sales").fetchone()
+    return {"count": n}

@@ -124,3 +124,145 @@ def test_whoami_requires_an_edge_identity(client):
     assert client.get("/whoami").status_code == 401
     forged = client.get("/whoami", headers={"x-outpost-identity": "eyJhbGciOiJub25lIn0.e30."})
     assert forged.status_code == 401
+
+
+# --- Idempotency-Key: sales redelivered by an edge's outbox are applied once ----------------------
+
+SALE = {"store_id": "store-7", "sku": "COF-002", "quantity": 3, "unit_price_cents": 2499}
+KEY = {"Idempotency-Key": "outbox-01JH3Q7Z9XK2"}
+
+
+def stored_keys() -> list[tuple[str, str, int]]:
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(central.SALES_DB)) as conn:
+        return conn.execute("SELECT key, state, status FROM outpost_idempotency").fetchall()
+
+
+def test_sales_count(client):
+    assert client.get("/sales/count").json() == {"count": 0}
+    client.post("/sales", json=SALE)
+    client.post("/sales", json=SALE)
+    assert client.get("/sales/count").json() == {"count": 2}
+
+
+def test_sale_with_a_key_is_applied_once_and_replayed(client):
+    first = client.post("/sales", json=SALE, headers=KEY)
+    again = client.post("/sales", json=SALE, headers=KEY)
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json()
+    assert again.json()["sale_id"] == first.json()["sale_id"]
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["x-origin-region"] == central.REGION
+    assert client.get("/sales/count").json() == {"count": 1}
+    assert stored_keys() == [(KEY["Idempotency-Key"], "done", 201)]
+    # Another key is another sale; no key keeps the old behaviour (every POST is a sale).
+    other = client.post("/sales", json=SALE, headers={"Idempotency-Key": "outbox-2"})
+    assert other.json()["sale_id"] != first.json()["sale_id"]
+    client.post("/sales", json=SALE)
+    assert client.get("/sales/count").json() == {"count": 3}
+
+
+def test_sale_key_reused_for_another_sale_is_422(client):
+    client.post("/sales", json=SALE, headers=KEY)
+    r = client.post("/sales", json={**SALE, "quantity": 4}, headers=KEY)
+    assert r.status_code == 422
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["title"] == "Idempotency-Key reused for a different request"
+    assert client.get("/sales/count").json() == {"count": 1}
+
+
+def test_invalid_sale_with_a_key_is_not_remembered(client):
+    assert client.post("/sales", json={}, headers=KEY).status_code == 422
+    assert stored_keys() == []
+    assert client.post("/sales", json=SALE, headers=KEY).status_code == 201
+
+
+def test_failure_after_the_insert_stores_neither_sale_nor_key(tmp_path, monkeypatch):
+    # The sale row was written, then the request fails before the commit: the transaction
+    # holding both the row and the key is rolled back, so the redelivery applies the sale once.
+    monkeypatch.setattr(central, "SALES_DB", str(tmp_path / "sales.db"))
+    real_insert = central.insert_sale
+
+    def insert_then_crash(conn, record):
+        real_insert(conn, record)
+        raise RuntimeError("crash after the insert, before the commit")
+
+    with TestClient(central.app, raise_server_exceptions=False) as client:
+        monkeypatch.setattr(central, "insert_sale", insert_then_crash)
+        assert client.post("/sales", json=SALE, headers=KEY).status_code == 500
+        assert client.get("/sales/count").json() == {"count": 0}
+        assert stored_keys() == []
+
+        monkeypatch.setattr(central, "insert_sale", real_insert)
+        r = client.post("/sales", json=SALE, headers=KEY)
+        assert r.status_code == 201 and "idempotent-replayed" not in r.headers
+        assert client.get("/sales/count").json() == {"count": 1}
+
+
+def test_failed_commit_stores_neither_sale_nor_key(tmp_path, monkeypatch):
+    # Both the sale and the key's record are written; the COMMIT itself fails (disk full, kill):
+    # neither is kept.
+    import sqlite3
+
+    monkeypatch.setattr(central, "SALES_DB", str(tmp_path / "sales.db"))
+    real_connect = central.connect
+    fail = {"commit": False}
+    seen_in_transaction = []
+
+    class FailingCommit(sqlite3.Connection):
+        def commit(self):
+            if fail["commit"] and self.in_transaction:
+                seen_in_transaction.append(
+                    [self.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("sales", "outpost_idempotency")]
+                )
+                raise sqlite3.OperationalError("disk I/O error (simulated)")
+            super().commit()
+
+    def connect():
+        conn = sqlite3.connect(central.SALES_DB, timeout=5.0, factory=FailingCommit)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    with TestClient(central.app, raise_server_exceptions=False) as client:
+        monkeypatch.setattr(central, "connect", connect)
+        fail["commit"] = True
+        assert client.post("/sales", json=SALE, headers=KEY).status_code == 500
+        fail["commit"] = False
+        assert seen_in_transaction == [[1, 1]]  # the sale and the key, in one transaction
+        assert client.get("/sales/count").json() == {"count": 0}
+        assert stored_keys() == []
+        monkeypatch.setattr(central, "connect", real_connect)
+        assert client.post("/sales", json=SALE, headers=KEY).status_code == 201
+        assert client.post("/sales", json=SALE, headers=KEY).headers["idempotent-replayed"] == "true"
+        assert client.get("/sales/count").json() == {"count": 1}
+
+
+def test_concurrent_deliveries_of_one_sale_insert_one_row(client):
+    import threading
+
+    barrier = threading.Barrier(8)
+    results = []
+
+    def deliver():
+        barrier.wait()
+        results.append(client.post("/sales", json=SALE, headers=KEY))
+
+    threads = [threading.Thread(target=deliver) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in results] == [201] * 8
+    assert len({r.json()["sale_id"] for r in results}) == 1
+    assert client.get("/sales/count").json() == {"count": 1}
+
+
+def test_sale_key_survives_restart(client):
+    first = client.post("/sales", json=SALE, headers=KEY)
+    with TestClient(central.app) as again:
+        r = again.post("/sales", json=SALE, headers=KEY)
+    assert r.json()["sale_id"] == first.json()["sale_id"]
+    assert r.headers["idempotent-replayed"] == "true"

@@ -26,6 +26,11 @@ NATS JetStream::
     async def update_product(pid: int, request: Request):
         ...
         await request.app.state.invalidator.purge(tags=[f"product:{pid}"])
+
+:class:`IdempotencyStore` applies each ``Idempotency-Key`` (sent by the edge's outbox with
+every delivery of a queued write) once, remembering the response in the app's SQLite database:
+:meth:`IdempotencyStore.run_once` in the same transaction as the app's write, or
+:class:`IdempotencyMiddleware` for any route.
 """
 
 from ._dependency import (
@@ -35,6 +40,18 @@ from ._dependency import (
     OutpostIdentity,
     require_role,
     require_scope,
+)
+from ._idempotency import (
+    IDEMPOTENCY_HEADER,
+    MAX_KEY_LENGTH,
+    REPLAYED_HEADER,
+    IdempotencyError,
+    IdempotencyKey,
+    IdempotencyMiddleware,
+    IdempotencyStore,
+    IdempotentRequest,
+    StoredResponse,
+    request_fingerprint,
 )
 from ._identity import ClaimError, EdgeIdentity
 from ._invalidate import InvalidationError, Invalidator, invalidator_lifespan
@@ -46,10 +63,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_HEADER",
+    "IDEMPOTENCY_HEADER",
     "ISSUER",
     "JWKS_PATH",
+    "MAX_KEY_LENGTH",
+    "REPLAYED_HEADER",
     "ClaimError",
     "EdgeIdentity",
+    "IdempotencyError",
+    "IdempotencyKey",
+    "IdempotencyMiddleware",
+    "IdempotencyStore",
+    "IdempotentRequest",
     "IdentityError",
     "InvalidationError",
     "Invalidator",
@@ -57,9 +82,11 @@ __all__ = [
     "JWKSError",
     "JWKSUnavailable",
     "OutpostIdentity",
+    "StoredResponse",
     "UnknownKeyId",
     "invalidator_lifespan",
     "parse_jwks",
+    "request_fingerprint",
     "require_role",
     "require_scope",
 ]
