@@ -120,10 +120,14 @@ pub fn retryable(e: &ProxyError) -> bool {
 }
 
 /// How a final answer settles an entry: 2xx/3xx delivered; a 4xx other than 408 (timeout),
-/// 425 (too early) and 429 (slow down) failed for good; anything else is retried.
-pub fn settle_status(status: StatusCode) -> Option<bool> {
+/// 425 (too early) and 429 (slow down) failed for good — except a 409 with `Retry-After`,
+/// which is how idempotency layers say "the same key is still being processed"; anything else
+/// is retried.
+pub fn settle_status(status: StatusCode, headers: &HeaderMap) -> Option<bool> {
     if status.is_success() || status.is_redirection() {
         Some(true)
+    } else if status == StatusCode::CONFLICT && headers.contains_key(header::RETRY_AFTER) {
+        None
     } else if status.is_client_error() && !matches!(status.as_u16(), 408 | 425 | 429) {
         Some(false)
     } else {
@@ -423,6 +427,7 @@ async fn attempt(
     match sent {
         Ok(response) => {
             let status = response.status();
+            let verdict = settle_status(status, response.headers());
             let headers: Vec<(String, String)> = response
                 .headers()
                 .iter()
@@ -434,7 +439,7 @@ async fn attempt(
                 headers,
                 body,
             };
-            match settle_status(status) {
+            match verdict {
                 Some(true) => Settlement::Delivered(kept),
                 Some(false) => Settlement::Failed(kept),
                 None => Settlement::Retry {
@@ -469,13 +474,27 @@ mod tests {
 
     #[test]
     fn statuses_settle_as_the_draft_and_common_sense_say() {
-        assert_eq!(settle_status(StatusCode::CREATED), Some(true));
-        assert_eq!(settle_status(StatusCode::SEE_OTHER), Some(true));
-        assert_eq!(settle_status(StatusCode::UNPROCESSABLE_ENTITY), Some(false));
-        assert_eq!(settle_status(StatusCode::CONFLICT), Some(false));
-        assert_eq!(settle_status(StatusCode::TOO_MANY_REQUESTS), None);
-        assert_eq!(settle_status(StatusCode::REQUEST_TIMEOUT), None);
-        assert_eq!(settle_status(StatusCode::INTERNAL_SERVER_ERROR), None);
+        let none = HeaderMap::new();
+        let mut retry = HeaderMap::new();
+        retry.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        assert_eq!(settle_status(StatusCode::CREATED, &none), Some(true));
+        assert_eq!(settle_status(StatusCode::SEE_OTHER, &none), Some(true));
+        assert_eq!(
+            settle_status(StatusCode::UNPROCESSABLE_ENTITY, &none),
+            Some(false)
+        );
+        assert_eq!(settle_status(StatusCode::CONFLICT, &none), Some(false));
+        assert_eq!(
+            settle_status(StatusCode::CONFLICT, &retry),
+            None,
+            "the same key still in progress at the center"
+        );
+        assert_eq!(settle_status(StatusCode::TOO_MANY_REQUESTS, &none), None);
+        assert_eq!(settle_status(StatusCode::REQUEST_TIMEOUT, &none), None);
+        assert_eq!(
+            settle_status(StatusCode::INTERNAL_SERVER_ERROR, &none),
+            None
+        );
         assert!(center_unavailable(StatusCode::SERVICE_UNAVAILABLE));
         assert!(!center_unavailable(StatusCode::INTERNAL_SERVER_ERROR));
     }
