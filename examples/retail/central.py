@@ -17,18 +17,26 @@ Environment:
     ``<tmp>/outpost-retail-<region>.db``).
 
 Endpoints: ``GET /healthz``, ``GET /products``, ``GET /products/{sku}``,
-``GET /prices/{sku}``, ``POST /sales``, ``GET /sales`` and ``GET /sales/count``.
+``GET /prices/{sku}``, ``POST /sales``, ``GET /sales``, ``GET /sales/count``,
+``POST /analytics/summaries`` and ``GET /analytics/totals``.
 
 ``POST /sales`` honours the ``Idempotency-Key`` header that an Outpost edge sends with every
 delivery of a sale it queued in its outbox while this service was unreachable: the sale row
 and the key's record are committed in one SQLite transaction, so a key is applied once even
 if the edge delivers it again after a crash or a timeout; a repeat gets the first response
 (same ``sale_id``) back with ``Idempotent-Replayed: true``.
+
+``POST /analytics/summaries`` takes the per-window analytics summaries that edges send instead
+of raw events (``[analytics] center_url``). Each is upserted by (node, window start): a re-send
+of the same window replaces the row, never adds to it, so a summary delivered twice (the edge
+crashed between our answer and its bookkeeping, or sent a newer version after late events) is
+counted once. An older version arriving after a newer one is ignored.
 """
 
 from __future__ import annotations
 
 import os
+import json
 import sqlite3
 import tempfile
 import uuid
@@ -118,6 +126,21 @@ CREATE TABLE IF NOT EXISTS sales (
 """
 
 
+_ANALYTICS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS analytics_summaries (
+    node            TEXT NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    window_ms       INTEGER NOT NULL,
+    version         INTEGER NOT NULL,
+    region          TEXT,
+    events          INTEGER NOT NULL,
+    types           TEXT NOT NULL,
+    received_at     TEXT NOT NULL,
+    PRIMARY KEY (node, window_start_ms)
+)
+"""
+
+
 def connect() -> sqlite3.Connection:
     """Open a connection to the sales database (one per request)."""
     conn = sqlite3.connect(SALES_DB, timeout=5.0)
@@ -135,6 +158,7 @@ SALES_IDEMPOTENCY = IdempotencyStore(lambda: connect(), create=False)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     with closing(connect()) as conn, conn:
         conn.execute(_SCHEMA)
+        conn.execute(_ANALYTICS_SCHEMA)
     with closing(connect()) as conn:
         SALES_IDEMPOTENCY.create_table(conn)
     yield
@@ -265,3 +289,72 @@ def count_sales() -> dict[str, int]:
     with closing(connect()) as conn:
         (n,) = conn.execute("SELECT COUNT(*) FROM sales").fetchone()
     return {"count": n}
+
+
+# --- analytics ---------------------------------------------------------------
+
+
+class TypeSummary(BaseModel):
+    count: int = Field(ge=0)
+    sum: float = 0.0
+    keys: int = Field(default=0, ge=0)
+    top: dict[str, int] = {}
+    other: int = Field(default=0, ge=0)
+
+
+class AnalyticsSummary(BaseModel):
+    node: str = Field(min_length=1)
+    region: str | None = None
+    window_start_ms: int = Field(ge=0)
+    window_ms: int = Field(gt=0)
+    version: int = Field(default=1, ge=1)
+    events: int = Field(default=0, ge=0)
+    types: dict[str, TypeSummary]
+
+
+@app.post("/analytics/summaries")
+def receive_summary(summary: AnalyticsSummary) -> dict:
+    """Upsert one edge's summary of one window; a re-send replaces, never adds."""
+    types = json.dumps({k: v.model_dump() for k, v in summary.types.items()}, sort_keys=True)
+    now = datetime.now(timezone.utc).isoformat()
+    with closing(connect()) as conn, conn:
+        cur = conn.execute(
+            """INSERT INTO analytics_summaries
+                   (node, window_start_ms, window_ms, version, region, events, types, received_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (node, window_start_ms) DO UPDATE SET
+                   window_ms = excluded.window_ms, version = excluded.version,
+                   region = excluded.region, events = excluded.events,
+                   types = excluded.types, received_at = excluded.received_at
+               WHERE excluded.version >= analytics_summaries.version""",
+            (
+                summary.node,
+                summary.window_start_ms,
+                summary.window_ms,
+                summary.version,
+                summary.region,
+                summary.events,
+                types,
+                now,
+            ),
+        )
+        stored = cur.rowcount > 0
+    return {"node": summary.node, "window_start_ms": summary.window_start_ms, "stored": stored}
+
+
+@app.get("/analytics/totals")
+def analytics_totals() -> dict:
+    """Events per type (count and sum) across every node and window received."""
+    totals: dict[str, dict[str, float]] = {}
+    events = summaries = 0
+    nodes: set[str] = set()
+    with closing(connect()) as conn:
+        for row in conn.execute("SELECT node, events, types FROM analytics_summaries"):
+            summaries += 1
+            events += row["events"]
+            nodes.add(row["node"])
+            for kind, t in json.loads(row["types"]).items():
+                acc = totals.setdefault(kind, {"count": 0, "sum": 0.0})
+                acc["count"] += t["count"]
+                acc["sum"] += t["sum"]
+    return {"events": events, "summaries": summaries, "nodes": sorted(nodes), "types": totals}

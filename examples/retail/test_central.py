@@ -266,3 +266,53 @@ def test_sale_key_survives_restart(client):
         r = again.post("/sales", json=SALE, headers=KEY)
     assert r.json()["sale_id"] == first.json()["sale_id"]
     assert r.headers["idempotent-replayed"] == "true"
+
+
+def _summary(node: str, start: int, count: int, version: int = 1) -> dict:
+    return {
+        "node": node,
+        "region": "ap-northeast",
+        "window_start_ms": start,
+        "window_ms": 60_000,
+        "version": version,
+        "events": count,
+        "types": {
+            "page_view": {
+                "count": count,
+                "sum": float(count),
+                "keys": 2,
+                "top": {"/products/1": count - 1},
+                "other": 1,
+            }
+        },
+    }
+
+
+def test_analytics_summary_sent_twice_is_counted_once(client):
+    s = _summary("edge-1", 1_732_350_000_000, 10)
+    for _ in range(2):
+        r = client.post("/analytics/summaries", json=s)
+        assert r.status_code == 200
+    client.post("/analytics/summaries", json=_summary("edge-2", 1_732_350_000_000, 5))
+    totals = client.get("/analytics/totals").json()
+    assert totals["types"] == {"page_view": {"count": 15, "sum": 15.0}}
+    assert totals["events"] == 15
+    assert totals["summaries"] == 2
+    assert totals["nodes"] == ["edge-1", "edge-2"]
+
+
+def test_analytics_newer_version_replaces_and_older_is_ignored(client):
+    start = 1_732_350_060_000
+    client.post("/analytics/summaries", json=_summary("edge-1", start, 10))
+    r = client.post("/analytics/summaries", json=_summary("edge-1", start, 12, version=2))
+    assert r.json()["stored"] is True
+    r = client.post("/analytics/summaries", json=_summary("edge-1", start, 10, version=1))
+    assert r.json()["stored"] is False
+    assert client.get("/analytics/totals").json()["types"]["page_view"]["count"] == 12
+
+
+def test_analytics_summary_must_be_well_formed(client):
+    bad = _summary("edge-1", 0, 1)
+    del bad["types"]
+    assert client.post("/analytics/summaries", json=bad).status_code == 422
+

@@ -56,6 +56,9 @@ pub struct Config {
     /// Joining a fleet over NATS JetStream; absent = the node works alone on its local store.
     #[serde(default)]
     pub fleet: Option<Fleet>,
+    /// Edge analytics: the public events endpoint and per-window summaries for the center.
+    #[serde(default)]
+    pub analytics: Analytics,
     /// Directory of the config file, for resolving relative paths; not part of the TOML.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -184,6 +187,94 @@ fn default_max_value_size() -> ByteSize {
 }
 fn default_sweep_interval() -> Duration {
     Duration::from_secs(30)
+}
+
+/// Edge analytics: events posted to `/.well-known/outpost/events` are kept in
+/// `<data_dir>/analytics.db` and rolled up into one summary per window for the center.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Analytics {
+    /// Accept events on the public listeners (off: the endpoint answers 404).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Length of a summary window; the center gets one summary per node and window.
+    #[serde(default = "default_analytics_window", with = "humantime_serde")]
+    pub window: Duration,
+    /// How long after a window ends it still waits for stragglers before it is summarised.
+    #[serde(default = "default_analytics_grace", with = "humantime_serde")]
+    pub grace: Duration,
+    /// Keys listed by name per event type in a summary; the rest are counted as `other`.
+    #[serde(default = "default_top_keys")]
+    pub top_keys: usize,
+    /// How long raw events (and delivered summaries) are kept at the node.
+    #[serde(default = "default_analytics_retention", with = "humantime_serde")]
+    pub retention: Duration,
+    /// Largest events request body; beyond it the node answers 413.
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: ByteSize,
+    /// Where summaries are POSTed (`http(s)://…/analytics/summaries`) when they do not go
+    /// over the fleet.
+    #[serde(default)]
+    pub center_url: Option<String>,
+    /// How summaries reach the center: `auto` (NATS when `[fleet]` is set, else
+    /// `center_url`), `nats` or `http`.
+    #[serde(default)]
+    pub send_via: SendVia,
+}
+
+impl Default for Analytics {
+    fn default() -> Self {
+        Analytics {
+            enabled: false,
+            window: default_analytics_window(),
+            grace: default_analytics_grace(),
+            top_keys: default_top_keys(),
+            retention: default_analytics_retention(),
+            max_batch_bytes: default_max_batch_bytes(),
+            center_url: None,
+            send_via: SendVia::default(),
+        }
+    }
+}
+
+/// The way analytics summaries travel to the center.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendVia {
+    /// NATS JetStream when the node is in a fleet, HTTP to `center_url` otherwise.
+    #[default]
+    Auto,
+    /// JetStream subject `outpost.analytics.<node id>` (needs `[fleet]`).
+    Nats,
+    /// HTTP POST to `center_url`.
+    Http,
+}
+
+impl SendVia {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendVia::Auto => "auto",
+            SendVia::Nats => "nats",
+            SendVia::Http => "http",
+        }
+    }
+}
+
+fn default_analytics_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_analytics_grace() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_top_keys() -> usize {
+    50
+}
+fn default_analytics_retention() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_max_batch_bytes() -> ByteSize {
+    ByteSize::mib(1)
 }
 
 /// The fleet backbone: a NATS server with JetStream (usually the site's leaf node).

@@ -147,6 +147,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_internal_headers(&mut c, config);
     check_origin_tls(&mut c, config);
     check_fleet(&mut c, config);
+    check_analytics(&mut c, config);
     c.problems
 }
 
@@ -925,6 +926,87 @@ fn check_fleet(c: &mut Checker, config: &Config) {
             "snapshot_interval is shorter than a second".to_owned(),
             "too short",
             Some("snapshots re-send whole objects; \"30s\" is a good start".to_owned()),
+        );
+    }
+}
+
+fn check_analytics(c: &mut Checker, config: &Config) {
+    use crate::model::SendVia;
+    let a = &config.analytics;
+    let p = |key: &str| path(&[&"analytics", &key]);
+    if a.window < std::time::Duration::from_secs(1) {
+        c.report(
+            p("window"),
+            "window is shorter than a second".to_owned(),
+            "too short",
+            Some("each window sends one summary to the center; \"60s\" is a good start".to_owned()),
+        );
+    }
+    if a.retention < a.window.saturating_mul(2) {
+        c.report(
+            p("retention"),
+            "retention must be at least two windows".to_owned(),
+            "too short",
+            Some(
+                "raw events must outlive the window they are summarised in; e.g. \"24h\""
+                    .to_owned(),
+            ),
+        );
+    }
+    if !(1..=1000).contains(&a.top_keys) {
+        c.report(
+            p("top_keys"),
+            format!("top_keys = {} is out of range", a.top_keys),
+            "1 to 1000",
+            Some("summaries list this many keys per event type; 50 keeps them small".to_owned()),
+        );
+    }
+    if a.max_batch_bytes.as_u64() == 0 {
+        c.report(
+            p("max_batch_bytes"),
+            "max_batch_bytes must be positive".to_owned(),
+            "zero",
+            Some("e.g. \"1 MiB\"".to_owned()),
+        );
+    }
+    if let Some(url) = &a.center_url {
+        let ok = url.parse::<http::Uri>().ok().is_some_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+        });
+        if !ok {
+            c.report(
+                p("center_url"),
+                format!("`{url}` is not an HTTP(S) URL"),
+                "expected http(s)://host[:port]/path",
+                Some("e.g. \"https://central.example.com/analytics/summaries\"".to_owned()),
+            );
+        }
+    }
+    if !a.enabled {
+        return;
+    }
+    let via_nats = match a.send_via {
+        SendVia::Nats => true,
+        SendVia::Http => false,
+        SendVia::Auto => config.fleet.is_some(),
+    };
+    if via_nats && config.fleet.is_none() {
+        c.report(
+            p("send_via"),
+            "send_via = \"nats\" needs a [fleet] section".to_owned(),
+            "no fleet",
+            Some("add [fleet] nats = \"nats://…\", or send over HTTP with center_url".to_owned()),
+        );
+    }
+    if !via_nats && a.center_url.is_none() {
+        c.report(
+            p("enabled"),
+            "analytics are enabled but summaries have nowhere to go".to_owned(),
+            "no center_url",
+            Some(
+                "set center_url = \"https://…/analytics/summaries\", or join a fleet with [fleet]"
+                    .to_owned(),
+            ),
         );
     }
 }

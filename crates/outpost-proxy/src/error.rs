@@ -38,6 +38,10 @@ pub enum ProxyError {
         /// The route's limit.
         limit: u64,
     },
+    /// An analytics events batch the node refuses (bad JSON, or an event breaking a rule); the
+    /// message names the first bad event's index.
+    #[error("{0}")]
+    BadEvents(String),
     /// The request already passed through this node.
     #[error("request loop detected: this node already forwarded this request")]
     Loop,
@@ -97,6 +101,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute
             | ProxyError::BadRequest(_)
+            | ProxyError::BadEvents(_)
             | ProxyError::MethodNotAllowed(_)
             | ProxyError::PayloadTooLarge { .. }
             | ProxyError::Auth(_)
@@ -117,7 +122,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::BadEvents(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Loop => StatusCode::LOOP_DETECTED,
@@ -140,6 +145,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "no-route",
             ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::BadEvents(_) => "invalid-events",
             ProxyError::MethodNotAllowed(_) => "method-not-allowed",
             ProxyError::PayloadTooLarge { .. } => "payload-too-large",
             ProxyError::Loop => "loop-detected",

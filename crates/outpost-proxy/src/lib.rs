@@ -9,11 +9,14 @@
 //! - [`filters`]: hop-by-hop stripping, forwarded headers, `Via`, `X-Served-By`, `Server-Timing`.
 //! - [`error`]: every failure with its source and HTTP status, as problem+json.
 //! - [`body`]: streaming body wrappers (limits, replay for failover, completion hooks).
+//! - [`events`]: `POST /.well-known/outpost/events`, analytics batches into the node's
+//!   analytics store (answered by the node, never forwarded).
 //! - [`node`]: the config snapshot that requests read, swapped atomically on reload.
 
 pub mod body;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod filters;
 pub mod geo;
 pub mod handler;

@@ -9,9 +9,12 @@
 //! - [`change`]: the unit of replication (a KV write or a CRDT delta) and its wire form.
 //! - [`outbox`]: writes kept (fsync'd) until the center takes them, settled per entry.
 //! - [`schema`]: opening the file, telling ours from foreign or damaged files, migrations.
+//! - [`analytics`]: edge analytics in a file of its own (`analytics.db`, WAL, `synchronous =
+//!   NORMAL`): raw events, per-window summaries for the center, counts queries, retention.
 //!
 //! Nothing here knows about NATS: `outpost-fleet` moves [`change::Batch`]es between stores.
 
+pub mod analytics;
 pub mod change;
 pub mod crdt;
 mod error;
