@@ -616,8 +616,18 @@ async fn keep_or_forward(
     };
     let mut plain = headers;
     hop.add_plain_forwarding(&mut plain, ctx);
+    let waiting = match node.store() {
+        Some(store) => store
+            .outbox_waiting(&route.name, &order_key)
+            .map_err(|e| ProxyError::Store(e.to_string()))?,
+        None => false,
+    };
     let reason = if policy.mode == outpost_config::OutboxMode::Always {
         "write-behind route".to_owned()
+    } else if waiting {
+        // Earlier writes of the same order key are still waiting: this one queues behind
+        // them, so the center sees them in the order they were accepted.
+        "earlier writes of the same order key are still queued".to_owned()
     } else {
         let mut now = plain.clone();
         hop.add_identity(&mut now);

@@ -307,3 +307,15 @@ pub(crate) fn oldest_queued(conn: &rusqlite::Connection) -> Result<Option<u64>, 
         )?
         .map(|v| v as u64))
 }
+
+/// Whether any entry of `order_key` is still queued (a new write must then queue behind it).
+pub(crate) fn key_has_queued(
+    conn: &rusqlite::Connection,
+    order_key: &str,
+) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM outbox WHERE state = 'queued' AND order_key = ?1 LIMIT 1")?
+        .query_row(params![order_key], |_| Ok(()))
+        .optional()?
+        .is_some())
+}

@@ -628,6 +628,21 @@ impl Store {
         self.read(|conn| outbox::due(conn, now_ms(), limit))
     }
 
+    /// Whether writes of `order_key` (on `route`) are waiting: a new one must queue behind
+    /// them to keep their order. Cheap when the route's queue is empty.
+    pub fn outbox_waiting(&self, route: &str, order_key: &str) -> Result<bool, StoreError> {
+        let any = self
+            .shared
+            .depths
+            .lock()
+            .map(|d| d.get(route).is_some_and(|d| d.entries > 0))
+            .unwrap_or(true);
+        if !any {
+            return Ok(false);
+        }
+        self.read(|conn| outbox::key_has_queued(conn, order_key))
+    }
+
     /// One entry, for the status API.
     pub fn outbox_get(&self, id: &str) -> Result<Option<outbox::Entry>, StoreError> {
         self.read(|conn| outbox::get(conn, id))

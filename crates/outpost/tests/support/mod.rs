@@ -91,6 +91,10 @@ pub struct Origin {
     app_dir: PathBuf,
     module: String,
     stderr: Lines,
+    /// The app's SQLite file (`SALES_DB`): kept across restarts, as a real server keeps its disk.
+    db: PathBuf,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
 }
 
 impl Origin {
@@ -171,6 +175,18 @@ impl Origin {
             std::process::id(),
             fastrand::u32(..)
         ));
+        Origin::spawn_on(app_dir, module, region, port, env, extra_args, db).await
+    }
+
+    async fn spawn_on(
+        app_dir: PathBuf,
+        module: &str,
+        region: &str,
+        port: u16,
+        env: &[(&str, &str)],
+        extra_args: &[String],
+        db: PathBuf,
+    ) -> Origin {
         let mut child = Command::new(python())
             .args(["-m", "uvicorn", "--app-dir"])
             .arg(&app_dir)
@@ -179,7 +195,7 @@ impl Origin {
             .args(["--log-level", "info", "--no-access-log"])
             .args(extra_args)
             .env("REGION", region)
-            .env("SALES_DB", db)
+            .env("SALES_DB", &db)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -221,6 +237,12 @@ impl Origin {
             app_dir,
             module: module.to_owned(),
             stderr,
+            db,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            args: extra_args.to_vec(),
         }
     }
 
@@ -240,11 +262,19 @@ impl Origin {
     /// Starts the origin again on the same port.
     pub async fn restart(&mut self) {
         self.kill();
-        let again = Origin::spawn(
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let again = Origin::spawn_on(
             self.app_dir.clone(),
             &self.module,
             &self.region,
             self.addr.port(),
+            &env,
+            &self.args.clone(),
+            self.db.clone(),
         )
         .await;
         *self = again;
