@@ -309,6 +309,32 @@ pub struct Fleet {
     /// Apply cache invalidations published by the center on `outpost.invalidate`.
     #[serde(default = "yes")]
     pub invalidations: bool,
+    /// How often the node puts its heartbeat (fleet status); a node silent for three
+    /// intervals drops out.
+    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// The window heartbeat figures (request rate, error rate, p99, hit ratio) cover.
+    #[serde(default = "default_health_window", with = "humantime_serde")]
+    pub health_window: Duration,
+    /// A node whose error rate over the window reaches this (0.01 = 1 %) is unhealthy.
+    #[serde(default = "default_unhealthy_error_rate")]
+    pub unhealthy_error_rate: f64,
+    /// A node whose p99 over the window reaches this is unhealthy.
+    #[serde(default = "default_unhealthy_p99", with = "humantime_serde")]
+    pub unhealthy_p99: Duration,
+}
+
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_health_window() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_unhealthy_error_rate() -> f64 {
+    0.01
+}
+fn default_unhealthy_p99() -> Duration {
+    Duration::from_millis(200)
 }
 
 /// TLS settings for the NATS connection.

@@ -920,6 +920,28 @@ fn check_fleet(c: &mut Checker, config: &Config) {
             Some("JetStream keeps 1 to 5 copies; use 3 on a 3-server cluster".to_owned()),
         );
     }
+    if f.heartbeat_interval < std::time::Duration::from_millis(100)
+        || f.health_window < std::time::Duration::from_secs(1)
+        || f.health_window > std::time::Duration::from_secs(600)
+    {
+        c.report(
+            path(&[&"fleet", &"health_window"]),
+            "heartbeat_interval must be at least 100ms and health_window 1s to 10m".to_owned(),
+            "out of range",
+            Some("the defaults are heartbeat_interval = \"5s\", health_window = \"5m\"".to_owned()),
+        );
+    }
+    if !(0.0..=1.0).contains(&f.unhealthy_error_rate) {
+        c.report(
+            path(&[&"fleet", &"unhealthy_error_rate"]),
+            format!(
+                "unhealthy_error_rate = {} is not a fraction",
+                f.unhealthy_error_rate
+            ),
+            "0 to 1",
+            Some("0.01 means 1 % of answers are 5xx".to_owned()),
+        );
+    }
     if f.snapshot_interval < std::time::Duration::from_secs(1) {
         c.report(
             path(&[&"fleet", &"snapshot_interval"]),

@@ -75,3 +75,41 @@ pub async fn connect(
         .await
         .map_err(|e| FleetError::Connect(e.to_string()))
 }
+
+/// A one-shot connection for command-line tools: fails fast when no server answers.
+pub async fn connect_once(options: &FleetOptions) -> Result<async_nats::Client, FleetError> {
+    let mut opts = match &options.credentials_file {
+        Some(path) => ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|source| FleetError::File {
+                path: path.clone(),
+                source,
+            })?,
+        None => ConnectOptions::new(),
+    };
+    if let Some(token) = &options.token {
+        opts = opts.token(token.clone());
+    }
+    if let Some(ca) = &options.tls_ca {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &options.tls_client {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    let addrs = servers(options)?;
+    opts.connection_timeout(Duration::from_secs(3))
+        .connect(addrs)
+        .await
+        .map_err(|e| FleetError::Connect(e.to_string()))
+}
+
+fn servers(options: &FleetOptions) -> Result<Vec<async_nats::ServerAddr>, FleetError> {
+    options
+        .servers
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| FleetError::Connect(e.to_string()))
+}

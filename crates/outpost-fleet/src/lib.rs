@@ -17,6 +17,7 @@
 //! and any delivery order are harmless.
 
 pub mod connect;
+pub mod heartbeat;
 pub mod invalidate;
 pub mod replication;
 pub mod streams;
@@ -76,6 +77,8 @@ pub struct FleetOptions {
     pub stream_replicas: usize,
     /// Whether to consume the center's invalidations.
     pub invalidations: bool,
+    /// How often the node puts its heartbeat.
+    pub heartbeat_interval: Duration,
 }
 
 /// Live counters of the fleet link: the node's `outpost_fleet_*` metrics, also shown by
@@ -102,6 +105,7 @@ pub struct Fleet {
     /// Counters, shared with the tasks.
     pub status: Arc<FleetStatus>,
     client: async_nats::Client,
+    js: async_nats::jetstream::Context,
 }
 
 impl Fleet {
@@ -111,6 +115,7 @@ impl Fleet {
         options: FleetOptions,
         store: Store,
         metrics: FleetStatus,
+        heartbeat: heartbeat::HeartbeatSource,
         invalidations: mpsc::Sender<Invalidation>,
         stop: CancellationToken,
     ) -> Result<Fleet, FleetError> {
@@ -129,16 +134,32 @@ impl Fleet {
             stop: stop.clone(),
         };
         tokio::spawn(replication::run(link, reconnects.clone()));
+        tokio::spawn(heartbeat::run(
+            js.clone(),
+            options.heartbeat_interval,
+            heartbeat,
+            stop.clone(),
+        ));
         if options.invalidations {
             tokio::spawn(invalidate::run(
-                js,
+                js.clone(),
                 options.node_id.clone(),
                 invalidations,
                 status.clone(),
                 stop,
             ));
         }
-        Ok(Fleet { status, client })
+        Ok(Fleet { status, client, js })
+    }
+
+    /// JetStream on the fleet connection (heartbeats, analytics summaries).
+    pub fn jetstream(&self) -> async_nats::jetstream::Context {
+        self.js.clone()
+    }
+
+    /// Every live heartbeat of the fleet.
+    pub async fn heartbeats(&self) -> Result<Vec<heartbeat::Heartbeat>, String> {
+        heartbeat::read_all(&self.js).await
     }
 
     /// Flushes what the client has buffered (best effort, on shutdown).

@@ -544,6 +544,10 @@ async fn forward(
             )
             .await;
         rc.metrics.record(handled.outcome.index());
+        node.metrics().health().record_cache(matches!(
+            handled.outcome,
+            CacheOutcome::Hit | CacheOutcome::Stale
+        ));
         return Ok(match handled.result {
             Ok(response) => {
                 let info = response.extensions().get::<OriginInfo>().cloned();

@@ -10,6 +10,7 @@
 //! encodes the registry on `GET /metrics`.
 
 pub mod access;
+pub mod health;
 pub mod logging;
 pub mod metrics;
 

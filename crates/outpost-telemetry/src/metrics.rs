@@ -173,6 +173,7 @@ pub struct Metrics {
     outbox_bytes: Family<RouteLabels, Gauge>,
     outbox_oldest: Gauge<f64, std::sync::atomic::AtomicU64>,
     outbox_events: Family<OutboxLabels, Counter>,
+    health: Arc<crate::health::HealthWindow>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -433,6 +434,7 @@ impl Metrics {
             outbox_bytes,
             outbox_oldest,
             outbox_events,
+            health: Arc::new(crate::health::HealthWindow::default()),
         }
     }
 
@@ -507,6 +509,11 @@ impl Metrics {
         self.outbox_oldest.set(seconds);
     }
 
+    /// The node's recent request and cache figures (fleet heartbeats).
+    pub fn health(&self) -> &crate::health::HealthWindow {
+        &self.health
+    }
+
     /// Handles of the fleet link's metrics.
     pub fn fleet(&self) -> FleetMetrics {
         self.fleet.clone()
@@ -542,6 +549,7 @@ impl Metrics {
             duration: self.request_duration.get_or_create_owned(&RouteLabels {
                 route: route.to_owned(),
             }),
+            health: self.health.clone(),
         }
     }
 
@@ -622,6 +630,7 @@ pub struct CacheTierMetrics {
 pub struct RouteMetrics {
     by_class: Arc<[Counter; 5]>,
     duration: Histogram,
+    health: Arc<crate::health::HealthWindow>,
 }
 
 impl RouteMetrics {
@@ -629,6 +638,7 @@ impl RouteMetrics {
     pub fn record(&self, status: u16, seconds: f64) {
         self.by_class[StatusClass::of(status).index()].inc();
         self.duration.observe(seconds);
+        self.health.record(status, seconds);
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use outpost_config::Config;
+use outpost_fleet::heartbeat::{HealthRules, Heartbeat, HeartbeatSource};
 use outpost_fleet::{Fleet, FleetOptions, Invalidation};
 use outpost_proxy::Node;
 use outpost_state::{Store, StoreOptions};
@@ -81,6 +82,7 @@ pub fn options(config: &Config) -> anyhow::Result<Option<FleetOptions>> {
         snapshot_interval: f.snapshot_interval,
         stream_replicas: f.stream_replicas,
         invalidations: f.invalidations,
+        heartbeat_interval: f.heartbeat_interval,
     }))
 }
 
@@ -96,7 +98,8 @@ pub async fn start(
         return Ok(None);
     };
     let (tx, rx) = mpsc::channel(1024);
-    let fleet = Fleet::start(options, store, node.metrics().fleet(), tx, stop)
+    let beat = heartbeat_source(config, node.clone(), store.clone());
+    let fleet = Fleet::start(options, store, node.metrics().fleet(), beat, tx, stop)
         .await
         .context("cannot start the fleet link")?;
     tokio::spawn(apply_invalidations(rx, node));
@@ -134,4 +137,116 @@ async fn apply_invalidations(mut rx: mpsc::Receiver<Invalidation>, node: Arc<Nod
             "Applied a fleet invalidation."
         );
     }
+}
+
+/// Builds this node's heartbeat from its metrics' health window, its outbox and its link.
+fn heartbeat_source(config: &Config, node: Arc<Node>, store: Store) -> HeartbeatSource {
+    let id = config.node.id.clone();
+    let region = config.node.region.clone();
+    let window = config
+        .fleet
+        .as_ref()
+        .map_or(300, |f| f.health_window.as_secs().max(1));
+    let started = Instant::now();
+    Arc::new(move || {
+        let health = node.metrics().health().summary(window);
+        let depth: u64 = store.outbox_depths().values().map(|d| d.entries).sum();
+        let now = outpost_state::store::now_ms();
+        let oldest = store
+            .outbox_oldest()
+            .ok()
+            .flatten()
+            .map_or(0.0, |c| now.saturating_sub(c) as f64 / 1000.0);
+        Heartbeat {
+            id: id.clone(),
+            region: region.clone(),
+            version: crate::serve::VERSION.to_owned(),
+            uptime_s: started.elapsed().as_secs(),
+            window_s: window,
+            requests: health.requests,
+            request_rate: health.request_rate,
+            error_rate: health.error_rate,
+            p99_ms: health.p99_ms,
+            cache_hit_ratio: health.cache_hit_ratio,
+            outbox_depth: depth,
+            outbox_oldest_age_s: oldest,
+            replication_backlog: node.metrics().fleet().backlog.get(),
+            updated_at_ms: now,
+        }
+    })
+}
+
+/// The health rules of a config's `[fleet]` (defaults without one).
+pub fn health_rules(config: &Config) -> HealthRules {
+    let (interval, error_rate, p99) = config.fleet.as_ref().map_or(
+        (Duration::from_secs(5), 0.01, Duration::from_millis(200)),
+        |f| {
+            (
+                f.heartbeat_interval,
+                f.unhealthy_error_rate,
+                f.unhealthy_p99,
+            )
+        },
+    );
+    HealthRules {
+        max_error_rate: error_rate,
+        max_p99_ms: p99.as_secs_f64() * 1000.0,
+        stale_after_ms: (interval * 3).as_millis() as u64,
+    }
+}
+
+/// How `outpost fleet status` prints.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum StatusFormat {
+    /// A table for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// `outpost fleet status`: reads every heartbeat through NATS and prints the verdicts.
+pub fn status_command(path: &std::path::Path, format: StatusFormat) -> anyhow::Result<String> {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(outpost_config::ConfigError::Invalid(d)) => {
+            return Err(anyhow::anyhow!("{}", d.render().trim_end()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(opts) = options(&config)? else {
+        anyhow::bail!(
+            "{} has no [fleet] section: a node without a fleet has no fleet status",
+            path.display()
+        );
+    };
+    let rules = health_rules(&config);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let client = tokio::time::timeout(
+            Duration::from_secs(5),
+            outpost_fleet::connect::connect_once(&opts),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from NATS at {} within 5 s", opts.servers))??;
+        let js = match &opts.jetstream_domain {
+            Some(d) => async_nats::jetstream::with_domain(client, d),
+            None => async_nats::jetstream::new(client),
+        };
+        let beats = outpost_fleet::heartbeat::read_all(&js)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let now = outpost_state::store::now_ms();
+        Ok(match format {
+            StatusFormat::Table => outpost_fleet::heartbeat::table(&beats, &rules, now),
+            StatusFormat::Json => {
+                format!(
+                    "{:#}\n",
+                    outpost_fleet::heartbeat::json(&beats, &rules, now)
+                )
+            }
+        })
+    })
 }

@@ -70,10 +70,29 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Fleet operations (through NATS, with the config's `[fleet]` settings).
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Print a shell completion script (e.g. `outpost completions bash > /etc/bash_completion.d/outpost`).
     Completions {
         /// Target shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FleetCommand {
+    /// Every node's last heartbeat and whether it is healthy (error rate and p99 over the
+    /// health window against `[fleet] unhealthy_error_rate` / `unhealthy_p99`).
+    Status {
+        /// Path to a node's TOML config (for `[fleet]`).
+        #[arg(short, long, env = "OUTPOST_CONFIG", default_value = "outpost.toml")]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: fleet::StatusFormat,
     },
 }
 
@@ -96,6 +115,18 @@ fn main() -> ExitCode {
         } => match purge::run(&config, admin, url, prefix, tag, soft) {
             Ok(msg) => {
                 println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Fleet {
+            command: FleetCommand::Status { config, format },
+        } => match fleet::status_command(&config, format) {
+            Ok(text) => {
+                print!("{text}");
                 ExitCode::SUCCESS
             }
             Err(e) => {

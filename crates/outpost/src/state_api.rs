@@ -62,6 +62,7 @@ pub fn routes() -> Router<Arc<Lifecycle>> {
             get(map_get).put(map_set).delete(map_remove),
         )
         .route("/state/fleet", get(fleet))
+        .route("/fleet/status", get(fleet_status))
 }
 
 fn error(e: &StoreError) -> Response {
@@ -462,4 +463,33 @@ async fn fleet(State(life): State<Arc<Lifecycle>>, headers: HeaderMap) -> Respon
         "fleet": link,
     }))
     .into_response()
+}
+
+/// `GET /fleet/status`: every node's heartbeat with its verdict (what `outpost fleet status`
+/// prints), read through this node's fleet link.
+async fn fleet_status(State(life): State<Arc<Lifecycle>>, headers: HeaderMap) -> Response {
+    authorized!(life, headers);
+    let Some(fleet) = &life.fleet else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({ "error": "this node has no [fleet] section" })),
+        )
+            .into_response();
+    };
+    match fleet.heartbeats().await {
+        Ok(beats) => {
+            let rules = crate::fleet::health_rules(&life.node.snapshot().config);
+            axum::Json(outpost_fleet::heartbeat::json(
+                &beats,
+                &rules,
+                outpost_state::store::now_ms(),
+            ))
+            .into_response()
+        }
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": e })),
+        )
+            .into_response(),
+    }
 }

@@ -684,3 +684,101 @@ async fn a_token_protected_backbone_needs_the_token() {
     );
     assert_eq!(counter(&bad, "n").await, 1);
 }
+
+/// `outpost fleet status` as an operator runs it, against a node's config.
+fn fleet_status(node: &Node) -> Value {
+    let out = std::process::Command::new(outpost_bin())
+        .args(["fleet", "status", "--format", "json", "--config"])
+        .arg(&node.config_path)
+        .output()
+        .expect("outpost fleet status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fleet_status_shows_every_node_flags_the_unhealthy_one_and_drops_the_silent_one() {
+    let hub = Nats::hub();
+    let origin = Origin::echo("us-west").await;
+    let mut nodes = Vec::new();
+    for id in ["good-1", "bad-1"] {
+        let cfg = NodeConfig::new()
+            .id(id)
+            .raw(&format!(
+                "[fleet]\nnats = \"{}\"\njetstream_domain = \"hub\"\nheartbeat_interval = \"200ms\"\n",
+                hub.url()
+            ))
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("api", "/", "api", "");
+        nodes.push(Node::start(&cfg).await);
+    }
+    let c = client();
+    for _ in 0..50 {
+        let r = c.get(nodes[0].url("/echo/ok")).send().await.expect("get");
+        assert_eq!(r.status(), 200);
+    }
+    // bad-1 answers 5xx to 1 request in 10: a 10 % error rate.
+    for i in 0..50 {
+        let path = if i % 10 == 0 {
+            "/status/503"
+        } else {
+            "/echo/ok"
+        };
+        c.get(nodes[1].url(path)).send().await.expect("get");
+    }
+    let verdicts = |v: &Value| -> Vec<(String, bool, u64)> {
+        v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap_or("").to_owned(),
+                    n["healthy"] == true,
+                    n["requests"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    eventually("both heartbeats carry the traffic", SECS(10), || async {
+        let v = verdicts(&fleet_status(&nodes[0]));
+        v.len() == 2 && v.iter().all(|(_, _, r)| *r >= 50)
+    })
+    .await;
+    let status = fleet_status(&nodes[0]);
+    let v = verdicts(&status);
+    assert_eq!(
+        v.iter()
+            .map(|(id, ok, _)| (id.as_str(), *ok))
+            .collect::<Vec<_>>(),
+        [("bad-1", false), ("good-1", true)]
+    );
+    let bad = &status["nodes"][0];
+    assert!(
+        (bad["error_rate"].as_f64().unwrap_or(0.0) - 0.1).abs() < 1e-9,
+        "{bad}"
+    );
+    assert!(
+        bad["problems"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("error rate 10.00 %"),
+        "{bad}"
+    );
+    // The same from the admin API.
+    let (s, admin) = nodes[1].state("GET", "/fleet/status", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(admin["nodes"].as_array().map(Vec::len), Some(2));
+
+    // A node that stops heartbeating drops out (its entry expires after three intervals).
+    let silent = nodes.pop().expect("bad-1");
+    drop(silent);
+    eventually("the silent node dropped out", SECS(10), || async {
+        verdicts(&fleet_status(&nodes[0])).len() == 1
+    })
+    .await;
+}
