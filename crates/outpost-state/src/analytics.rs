@@ -580,6 +580,11 @@ impl Analytics {
         version: u64,
         bytes: u64,
     ) -> Result<bool, StoreError> {
+        // Counted before the bookkeeping commits, so whoever sees the summary delivered also
+        // sees it counted (the bytes went out either way).
+        let s = &self.shared.stats;
+        s.summaries_sent.fetch_add(1, Ordering::Relaxed);
+        s.summary_bytes_sent.fetch_add(bytes, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         self.send(Job::Settle {
             window_start_ms,
@@ -588,11 +593,7 @@ impl Analytics {
             now_ms: now_ms(),
             reply,
         })?;
-        let settled = rx.await.map_err(|_| StoreError::Closed)??;
-        let s = &self.shared.stats;
-        s.summaries_sent.fetch_add(1, Ordering::Relaxed);
-        s.summary_bytes_sent.fetch_add(bytes, Ordering::Relaxed);
-        Ok(settled)
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Records a failed delivery; the summary is due again at `next_ms`.

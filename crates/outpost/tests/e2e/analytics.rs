@@ -245,7 +245,7 @@ async fn summaries_wait_for_the_center_and_are_counted_once() {
     let stats = &summaries["stats"];
     let sent = stats["summary_bytes_sent"].as_u64().expect("bytes sent");
     let windows = summaries["summaries"].as_array().map_or(0, Vec::len);
-    assert!(sent > 0);
+    assert!(sent > 0, "{summaries}");
     assert_eq!(stats["event_bytes"], raw_bytes as u64);
     let ratio = raw_bytes as f64 / sent as f64;
     println!(
