@@ -253,6 +253,16 @@ async fn proxy(
             }),
         );
     }
+    if path == crate::events::EVENTS_PATH {
+        let result = crate::events::accept(node.analytics(), &snap.config.analytics, req).await;
+        let forwarded = |response| Forwarded {
+            response,
+            origin_ms: None,
+            region: None,
+            cache: None,
+        };
+        return (None, result.map(forwarded));
+    }
     let host = request_host(req.uri(), req.headers()).unwrap_or("");
     let Some(index) = snap.table.find(host, path) else {
         return (None, Err(ProxyError::NoRoute));

@@ -482,6 +482,8 @@ pub struct Node {
     storage: StorageConfig,
     /// The node's local store (outbox), attached once by the binary after it is opened.
     store: std::sync::OnceLock<outpost_state::Store>,
+    /// The node's analytics store, attached once by the binary when `[analytics] enabled`.
+    analytics: std::sync::OnceLock<outpost_state::analytics::Analytics>,
 }
 
 impl std::fmt::Debug for Node {
@@ -504,6 +506,7 @@ impl Node {
             cache,
             storage,
             store: std::sync::OnceLock::new(),
+            analytics: std::sync::OnceLock::new(),
         }))
     }
 
@@ -532,6 +535,16 @@ impl Node {
     /// The local store, when attached.
     pub fn store(&self) -> Option<&outpost_state::Store> {
         self.store.get()
+    }
+
+    /// Attaches the analytics store (once; later calls are ignored).
+    pub fn attach_analytics(&self, analytics: outpost_state::analytics::Analytics) {
+        let _ = self.analytics.set(analytics);
+    }
+
+    /// The analytics store, when analytics are on.
+    pub fn analytics(&self) -> Option<&outpost_state::analytics::Analytics> {
+        self.analytics.get()
     }
 
     /// The snapshot to use for one request.

@@ -174,6 +174,11 @@ pub struct Metrics {
     outbox_oldest: Gauge<f64, std::sync::atomic::AtomicU64>,
     outbox_events: Family<OutboxLabels, Counter>,
     health: Arc<crate::health::HealthWindow>,
+    analytics_events: Family<ResultLabels, Counter>,
+    analytics_summaries: Family<ResultLabels, Counter>,
+    analytics_pending: Gauge,
+    /// Last running totals reported by the analytics shipper (to add only the difference).
+    analytics_seen: Arc<std::sync::Mutex<[u64; 4]>>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -406,6 +411,24 @@ impl Metrics {
             "Outbox entries by event (queued, rejected, delivered, retried, failed)",
             outbox_events.clone(),
         );
+        let analytics_events = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "analytics_events",
+            "Analytics events received on the events endpoint, by result (accepted, rejected)",
+            analytics_events.clone(),
+        );
+        let analytics_summaries = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "analytics_summaries",
+            "Analytics window summaries sent to the center, by result (sent, failed attempts)",
+            analytics_summaries.clone(),
+        );
+        let analytics_pending = Gauge::default();
+        registry.register(
+            "analytics_pending_summaries",
+            "Closed-window summaries not yet delivered to the center",
+            analytics_pending.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -435,6 +458,10 @@ impl Metrics {
             outbox_oldest,
             outbox_events,
             health: Arc::new(crate::health::HealthWindow::default()),
+            analytics_events,
+            analytics_summaries,
+            analytics_pending,
+            analytics_seen: Arc::new(std::sync::Mutex::new([0; 4])),
         }
     }
 
@@ -507,6 +534,34 @@ impl Metrics {
     /// Sets the age of the oldest waiting write, in seconds.
     pub fn outbox_oldest(&self, seconds: f64) {
         self.outbox_oldest.set(seconds);
+    }
+
+    /// Brings the analytics counters up to the shipper's running totals (events accepted and
+    /// rejected, summaries sent and failed since start) and sets the pending gauge.
+    pub fn analytics(&self, accepted: u64, rejected: u64, sent: u64, failed: u64, pending: u64) {
+        let totals = [accepted, rejected, sent, failed];
+        let mut seen = match self.analytics_seen.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let labels = ["accepted", "rejected", "sent", "failed"];
+        for i in 0..4 {
+            let delta = totals[i].saturating_sub(seen[i]);
+            if delta > 0 {
+                let family = if i < 2 {
+                    &self.analytics_events
+                } else {
+                    &self.analytics_summaries
+                };
+                family
+                    .get_or_create(&ResultLabels {
+                        result: labels[i].to_owned(),
+                    })
+                    .inc_by(delta);
+            }
+            seen[i] = seen[i].max(totals[i]);
+        }
+        self.analytics_pending.set(pending as i64);
     }
 
     /// The node's recent request and cache figures (fleet heartbeats).

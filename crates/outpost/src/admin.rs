@@ -31,6 +31,7 @@ pub async fn serve(
         .route("/reload", post(reload))
         .route("/cache/purge", post(purge))
         .merge(crate::state_api::routes())
+        .merge(crate::analytics::routes())
         .with_state(life);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -9,6 +9,7 @@
 //! - [`purge`]: `outpost purge`, a client of the running node's admin API.
 
 mod admin;
+mod analytics;
 mod fleet;
 mod purge;
 mod serve;

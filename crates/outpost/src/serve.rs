@@ -153,6 +153,21 @@ async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         background.clone(),
     )
     .await?;
+    if let Some(analytics) = crate::analytics::open(&fleet_config).await? {
+        node.attach_analytics(analytics.clone());
+        let js = fleet_link.as_ref().map(outpost_fleet::Fleet::jetstream);
+        let metrics = node.metrics().clone();
+        let report = move |s: &outpost_state::analytics::StatsSnapshot, pending: u64| {
+            metrics.analytics(
+                s.events_accepted,
+                s.events_rejected,
+                s.summaries_sent,
+                s.summaries_failed,
+                pending,
+            );
+        };
+        crate::analytics::spawn(analytics, &fleet_config, js, report, background.clone())?;
+    }
     drop(fleet_config);
     let server = Server::start(node.clone()).await?;
     let admin_listener = tokio::net::TcpListener::bind(&admin_addr)

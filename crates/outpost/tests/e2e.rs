@@ -5,6 +5,8 @@
 
 mod support;
 
+#[path = "e2e/analytics.rs"]
+mod analytics;
 #[path = "e2e/cache.rs"]
 mod cache;
 #[path = "e2e/fleet.rs"]

@@ -256,4 +256,19 @@ async fn summaries_wait_for_the_center_and_are_counted_once() {
         ratio >= 100.0,
         "summaries should be ≥ 100× smaller, got {ratio:.1}×"
     );
+    eventually(
+        "analytics metrics caught up",
+        Duration::from_secs(10),
+        || async {
+            node.metric("outpost_analytics_events_total{result=\"accepted\"}")
+                .await
+                == N as f64
+                && node
+                    .metric("outpost_analytics_summaries_total{result=\"sent\"}")
+                    .await
+                    >= 1.0
+                && node.metric("outpost_analytics_pending_summaries").await == 0.0
+        },
+    )
+    .await;
 }
