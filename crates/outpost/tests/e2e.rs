@@ -786,8 +786,8 @@ async fn retail_example_serves_the_catalog_and_records_sales_through_the_edge() 
         .expect("free port")
         .port();
     let jwks = format!("http://127.0.0.1:{port}/.well-known/outpost/jwks.json");
-    let us = Origin::retail_with_jwks("us-west", &jwks).await;
-    let eu = Origin::retail_with_jwks("eu-west", &jwks).await;
+    let mut us = Origin::retail_with_jwks("us-west", &jwks).await;
+    let mut eu = Origin::retail_with_jwks("eu-west", &jwks).await;
     // The shipped example config, with the demo's fixed ports swapped for the test's.
     let text = std::fs::read_to_string(repo_root().join("examples/retail/outpost.toml"))
         .expect("example config")
@@ -847,6 +847,45 @@ async fn retail_example_serves_the_catalog_and_records_sales_through_the_edge() 
         .await
         .expect("forged");
     assert_eq!(forged.status(), 401);
+
+    // Both regions down: the store keeps selling (202, kept at the edge), and the sale reaches
+    // the center once a region is back.
+    us.kill();
+    eu.kill();
+    let r = c
+        .post(node.url("/api/sales"))
+        .json(&serde_json::json!({"store_id": "tokyo-ginza", "sku": "MUG-003", "quantity": 1, "unit_price_cents": 1200}))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 202);
+    let kept: Value = r.json().await.expect("json");
+    let status_url = node.url(kept["status_url"].as_str().expect("status url"));
+    us.restart().await;
+    eventually("the kept sale was delivered", SECS(30), || async {
+        let s: Value = c
+            .get(&status_url)
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json");
+        s["state"] == "delivered" && s["response"]["status"] == 201
+    })
+    .await;
+    let count: Value = c
+        .get(format!("{}/sales/count", us.url()))
+        .send()
+        .await
+        .expect("count")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        count["count"], 1,
+        "us-west's own sale log holds the delivered sale"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
