@@ -15,24 +15,7 @@ pub async fn connect(
     status: Arc<FleetStatus>,
     reconnects: tokio::sync::watch::Sender<u64>,
 ) -> Result<async_nats::Client, FleetError> {
-    let mut opts = match &options.credentials_file {
-        Some(path) => ConnectOptions::with_credentials_file(path)
-            .await
-            .map_err(|source| FleetError::File {
-                path: path.clone(),
-                source,
-            })?,
-        None => ConnectOptions::new(),
-    };
-    if let Some(token) = &options.token {
-        opts = opts.token(token.clone());
-    }
-    if let Some(ca) = &options.tls_ca {
-        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    if let Some((cert, key)) = &options.tls_client {
-        opts = opts.add_client_certificate(cert.clone(), key.clone());
-    }
+    let mut opts = auth_options(options).await?;
     let name = format!("outpost {}", options.node_id);
     let node = options.node_id.clone();
     opts = opts
@@ -60,17 +43,7 @@ pub async fn connect(
                 }
             }
         });
-    let servers: Vec<String> = options
-        .servers
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect();
-    let addrs = servers
-        .iter()
-        .map(|s| s.parse::<async_nats::ServerAddr>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| FleetError::Connect(e.to_string()))?;
+    let addrs = servers(options)?;
     opts.connect(addrs)
         .await
         .map_err(|e| FleetError::Connect(e.to_string()))
@@ -78,6 +51,17 @@ pub async fn connect(
 
 /// A one-shot connection for command-line tools: fails fast when no server answers.
 pub async fn connect_once(options: &FleetOptions) -> Result<async_nats::Client, FleetError> {
+    let addrs = servers(options)?;
+    auth_options(options)
+        .await?
+        .connection_timeout(Duration::from_secs(3))
+        .connect(addrs)
+        .await
+        .map_err(|e| FleetError::Connect(e.to_string()))
+}
+
+/// Credentials, token and TLS from the fleet settings.
+async fn auth_options(options: &FleetOptions) -> Result<ConnectOptions, FleetError> {
     let mut opts = match &options.credentials_file {
         Some(path) => ConnectOptions::with_credentials_file(path)
             .await
@@ -96,11 +80,7 @@ pub async fn connect_once(options: &FleetOptions) -> Result<async_nats::Client, 
     if let Some((cert, key)) = &options.tls_client {
         opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
-    let addrs = servers(options)?;
-    opts.connection_timeout(Duration::from_secs(3))
-        .connect(addrs)
-        .await
-        .map_err(|e| FleetError::Connect(e.to_string()))
+    Ok(opts)
 }
 
 fn servers(options: &FleetOptions) -> Result<Vec<async_nats::ServerAddr>, FleetError> {

@@ -43,12 +43,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::StoreError;
 use crate::store::now_ms;
+use crate::{StoreError, schema};
 
 /// The database file's name inside `data_dir`.
 pub const FILE_NAME: &str = "analytics.db";
@@ -363,7 +363,7 @@ impl Analytics {
         let conn = open_writer(&path)?;
         let rolled_upto = meta_u64(&conn, "rolled_upto_ms")?;
         let readers = (0..2)
-            .map(|_| open_reader(&path).map(Mutex::new))
+            .map(|_| schema::open_reader(&path).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
         let shared = Arc::new(Shared {
             path: path.clone(),
@@ -1080,80 +1080,19 @@ fn meta_u64(conn: &Connection, key: &str) -> Result<u64, StoreError> {
         .unwrap_or(0) as u64)
 }
 
+/// The analytics file: its own id and migrations; NORMAL sync (see the module docs).
+pub const FILE: schema::FileKind = schema::FileKind {
+    application_id: APPLICATION_ID,
+    migrations: MIGRATIONS,
+    // NORMAL: commits reach the WAL (the OS page cache) but are not fsync'd; a process crash
+    // loses nothing committed, an OS crash or power loss may lose the last events.
+    synchronous: "NORMAL",
+    what: "Analytics",
+};
+
 /// Opens (creating if needed) the analytics file for writing, checks it is ours, migrates it.
 pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| corrupt(path, &e))?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    let app_id: i64 = conn
-        .query_row("PRAGMA application_id", [], |r| r.get(0))
-        .map_err(|e| corrupt(path, &e))?;
-    let tables: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
-        .map_err(|e| corrupt(path, &e))?;
-    if app_id != APPLICATION_ID && (app_id != 0 || tables > 0) {
-        return Err(StoreError::Foreign {
-            path: path.to_path_buf(),
-            found: app_id,
-        });
-    }
-    let check: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| corrupt(path, &e))?;
-    if check != "ok" {
-        return Err(StoreError::Corrupt {
-            path: path.to_path_buf(),
-            detail: format!("integrity check: {check}"),
-        });
-    }
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // NORMAL: commits reach the WAL (the OS page cache) but are not fsync'd; see the module docs.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    migrate(&conn, path)?;
-    Ok(conn)
-}
-
-fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| corrupt(path, &e))?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
-}
-
-fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let supported = MIGRATIONS.len() as i64;
-    if version > supported {
-        return Err(StoreError::TooNew {
-            path: path.to_path_buf(),
-            found: version,
-            supported,
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "application_id", APPLICATION_ID)?;
-        tx.pragma_update(None, "user_version", i as i64 + 1)?;
-        tx.commit()?;
-        tracing::info!(path = %path.display(), version = i + 1, "Analytics schema migrated.");
-    }
-    Ok(())
-}
-
-fn corrupt(path: &Path, e: &rusqlite::Error) -> StoreError {
-    StoreError::Corrupt {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    }
+    schema::open_file(path, &FILE)
 }
 
 #[cfg(test)]

@@ -69,8 +69,37 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_queue ON outbox (state, order_key, seq);",
 ];
 
+/// One kind of Outpost database file: how to recognise it, migrate it and how hard to sync.
+#[derive(Debug, Clone, Copy)]
+pub struct FileKind {
+    /// `PRAGMA application_id`; anything else is someone else's file.
+    pub application_id: i64,
+    /// Append-only migrations; `PRAGMA user_version` counts how many have run.
+    pub migrations: &'static [&'static str],
+    /// `PRAGMA synchronous`: `FULL` where an answer promises durability, `NORMAL` elsewhere.
+    pub synchronous: &'static str,
+    /// What the file is, for logs.
+    pub what: &'static str,
+}
+
+/// The node's store (`outpost.db`): KV, CRDTs, replication log, outbox.
+pub const STORE: FileKind = FileKind {
+    application_id: APPLICATION_ID,
+    migrations: MIGRATIONS,
+    // FULL: every commit is fsync'd before the caller hears "stored" (the outbox promises it).
+    synchronous: "FULL",
+    what: "Local store",
+};
+
 /// Opens (creating if needed) the store file for writing, checks it is ours, runs migrations.
 pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    open_file(path, &STORE)
+}
+
+/// Opens (creating if needed) a database file of `kind` for writing: a non-database, a
+/// foreign or a damaged file, or one with a newer schema, is refused with what to do; then WAL,
+/// the kind's `synchronous`, and its migrations.
+pub fn open_file(path: &Path, kind: &FileKind) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -86,7 +115,7 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     let tables: i64 = conn
         .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
         .map_err(|e| corrupt(path, &e))?;
-    if app_id != APPLICATION_ID && (app_id != 0 || tables > 0) {
+    if app_id != kind.application_id && (app_id != 0 || tables > 0) {
         return Err(StoreError::Foreign {
             path: path.to_path_buf(),
             found: app_id,
@@ -102,10 +131,9 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
         });
     }
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // FULL: every commit is fsync'd before the caller hears "stored" (the outbox promises it).
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "synchronous", kind.synchronous)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    migrate(&conn, path)?;
+    migrate(&conn, path, kind)?;
     Ok(conn)
 }
 
@@ -120,9 +148,9 @@ pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+fn migrate(conn: &Connection, path: &Path, kind: &FileKind) -> Result<(), StoreError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let supported = MIGRATIONS.len() as i64;
+    let supported = kind.migrations.len() as i64;
     if version > supported {
         return Err(StoreError::TooNew {
             path: path.to_path_buf(),
@@ -130,13 +158,13 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             supported,
         });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+    for (i, sql) in kind.migrations.iter().enumerate().skip(version as usize) {
         let tx = conn.unchecked_transaction()?;
         tx.execute_batch(sql)?;
-        tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+        tx.pragma_update(None, "application_id", kind.application_id)?;
         tx.pragma_update(None, "user_version", i as i64 + 1)?;
         tx.commit()?;
-        tracing::info!(path = %path.display(), version = i + 1, "Local store schema migrated.");
+        tracing::info!(path = %path.display(), version = i + 1, "{} schema migrated.", kind.what);
     }
     Ok(())
 }

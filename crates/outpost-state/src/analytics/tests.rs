@@ -96,7 +96,7 @@ async fn rolling_up_again_changes_nothing() {
     assert_eq!(a.rollup_at(later).await.expect("rollup"), 0);
     assert_eq!(a.rollup_at(later + 10 * MIN).await.expect("rollup"), 0);
     assert_eq!(a.recent_summaries(10).expect("recent"), first);
-    let conn = open_reader(a.path()).expect("reader");
+    let conn = crate::schema::open_reader(a.path()).expect("reader");
     let (events, again) = summarise(&conn, NOW, MIN, 50).expect("summarise");
     assert_eq!(events, 100);
     assert_eq!(serde_json::to_string(&again).expect("json"), first[0].types);
