@@ -272,3 +272,49 @@ async fn summaries_wait_for_the_center_and_are_counted_once() {
     )
     .await;
 }
+
+/// In a fleet, summaries travel over JetStream (`OUTPOST_ANALYTICS`, one message per node and
+/// window, deduplicated by `Nats-Msg-Id`) instead of HTTP.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_a_fleet_summaries_go_over_jetstream() {
+    let hub = Nats::hub();
+    let node = Node::start(&NodeConfig::new().id("fleet-shop").raw(&format!(
+        "[fleet]\nnats = \"{}\"\njetstream_domain = \"hub\"\n[analytics]\nenabled = true\nwindow = \"1s\"\ngrace = \"200ms\"\n",
+        hub.url()
+    )))
+    .await;
+    const N: usize = 1_000;
+    let t0 = (now_ms() / 1000 + 1) * 1000;
+    let events = workload(N, t0, 1000);
+    for chunk in events.chunks(250) {
+        let resp = client()
+            .post(node.url("/.well-known/outpost/events"))
+            .body(json!({ "events": chunk }).to_string())
+            .send()
+            .await
+            .expect("post events");
+        assert_eq!(resp.status(), 202);
+    }
+    eventually("the summary was published", SECS(20), || async {
+        let s = admin_get(&node, "/analytics/summaries").await;
+        s["summaries"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty() && a.iter().all(|x| x["delivered"] == true))
+    })
+    .await;
+    // What the center would consume: read the stream with a plain NATS client.
+    let script = format!(
+        "import asyncio, json, nats\nasync def m():\n    nc = await nats.connect('{}')\n    js = nc.jetstream()\n    sub = await js.pull_subscribe('outpost.analytics.>', stream='OUTPOST_ANALYTICS')\n    msgs = await sub.fetch(100, timeout=2)\n    total = 0\n    for msg in msgs:\n        doc = json.loads(msg.data)\n        assert doc['node'] == 'fleet-shop', doc\n        assert msg.headers.get('Nats-Msg-Id', '').startswith('fleet-shop-'), msg.headers\n        total += sum(t['count'] for t in doc['types'].values())\n    print(total)\n    await nc.close()\nasyncio.run(m())\n",
+        hub.url()
+    );
+    let out = std::process::Command::new(python())
+        .args(["-c", &script])
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), N.to_string());
+}
