@@ -689,6 +689,12 @@ async fn keep_or_forward(
             .identity
             .as_ref()
             .map(|i| serde_json::Value::Object(i.claims.clone()).to_string()),
+        client_url: Some((
+            hop.host.clone().unwrap_or_default(),
+            uri.path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned(),
+        )),
     };
     let response = outbox::keep(node, route, policy, entry, &reason).await?;
     Ok(Forwarded {

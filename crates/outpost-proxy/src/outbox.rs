@@ -395,7 +395,6 @@ async fn attempt(
     policy: &OutboxPolicy,
     entry: &Entry,
 ) -> Settlement {
-    let _ = node;
     let Ok(method) = Method::from_bytes(entry.new.method.as_bytes()) else {
         return Settlement::Failed(StoredResponse {
             status: 400,
@@ -428,6 +427,13 @@ async fn attempt(
         Ok(response) => {
             let status = response.status();
             let verdict = settle_status(status, response.headers());
+            // The write happened: the edge's copy of what it changed is out of date.
+            if verdict == Some(true)
+                && let (Some(rc), Some((host, target))) = (&route.cache, &entry.new.client_url)
+            {
+                node.cache()
+                    .invalidate(&rc.policy.key, host, target, response.headers());
+            }
             let headers: Vec<(String, String)> = response
                 .headers()
                 .iter()

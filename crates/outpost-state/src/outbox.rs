@@ -65,6 +65,9 @@ pub struct NewEntry {
     pub idempotency_key: String,
     /// Claims to sign a fresh identity with at delivery time (JSON), when the route forwards one.
     pub identity: Option<String>,
+    /// Host and path-and-query the client wrote to (before any prefix strip): the cached URL
+    /// a delivered write invalidates.
+    pub client_url: Option<(String, String)>,
 }
 
 /// Per-route bounds on what may wait.
@@ -172,8 +175,9 @@ pub(crate) fn insert(
     let headers = postcard::to_allocvec(&entry.headers).unwrap_or_default();
     tx.prepare_cached(
         "INSERT INTO outbox (id, route, order_key, method, uri, headers, body, idempotency_key,
-                             identity, state, attempts, next_attempt_ms, created_ms, updated_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'queued', 0, ?10, ?10, ?10)",
+                             identity, state, attempts, next_attempt_ms, created_ms, updated_ms,
+                             client_host, client_target)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'queued', 0, ?10, ?10, ?10, ?11, ?12)",
     )?
     .execute(params![
         entry.id,
@@ -186,6 +190,8 @@ pub(crate) fn insert(
         entry.idempotency_key,
         entry.identity,
         now_ms as i64,
+        entry.client_url.as_ref().map(|c| c.0.as_str()),
+        entry.client_url.as_ref().map(|c| c.1.as_str()),
     ])?;
     Ok(tx.last_insert_rowid())
 }
@@ -247,7 +253,7 @@ pub(crate) fn forget_settled(tx: &Transaction<'_>, before_ms: u64) -> Result<usi
 }
 
 const COLUMNS: &str = "id, route, order_key, method, uri, headers, body, idempotency_key, identity,
-     seq, state, attempts, created_ms, updated_ms, last_error, response";
+     seq, state, attempts, created_ms, updated_ms, last_error, response, client_host, client_target";
 
 fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
     let headers: Vec<u8> = r.get(5)?;
@@ -263,6 +269,13 @@ fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
             body: r.get(6)?,
             idempotency_key: r.get(7)?,
             identity: r.get(8)?,
+            client_url: match (
+                r.get::<_, Option<String>>(16)?,
+                r.get::<_, Option<String>>(17)?,
+            ) {
+                (Some(h), Some(t)) => Some((h, t)),
+                _ => None,
+            },
         },
         seq: r.get(9)?,
         state: OutboxState::parse(&r.get::<_, String>(10)?),

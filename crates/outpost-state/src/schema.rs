@@ -67,6 +67,9 @@ const MIGRATIONS: &[&str] = &[
         response BLOB
     ) STRICT;
     CREATE INDEX outbox_queue ON outbox (state, order_key, seq);",
+    // 3: the URL the client wrote to, so a delivered write can invalidate the edge's copy.
+    "ALTER TABLE outbox ADD COLUMN client_host TEXT;
+    ALTER TABLE outbox ADD COLUMN client_target TEXT;",
 ];
 
 /// One kind of Outpost database file: how to recognise it, migrate it and how hard to sync.

@@ -385,6 +385,7 @@ fn entry(id: &str, key: &str, body: &str) -> crate::outbox::NewEntry {
         body: body.as_bytes().to_vec(),
         idempotency_key: format!("k-{id}"),
         identity: None,
+        client_url: Some(("shop.example".into(), format!("/api/sales?{id}"))),
     }
 }
 
@@ -508,4 +509,8 @@ async fn a_full_outbox_refuses_and_survives_reopen() {
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].new.headers[0].0, "content-type");
     assert_eq!(due[0].new.idempotency_key, "k-1");
+    assert_eq!(
+        due[0].new.client_url,
+        Some(("shop.example".into(), "/api/sales?1".into()))
+    );
 }

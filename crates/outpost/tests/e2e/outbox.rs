@@ -457,3 +457,54 @@ async fn while_writes_wait_new_ones_of_the_same_key_queue_behind_them() {
     .await;
     assert_eq!(center.cache_count("a-1").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_write_invalidates_the_cached_copy_once_delivered() {
+    let mut center = Origin::echo("us-west").await;
+    let node = Node::start(&outbox_node(&center, "").route(
+        "cached",
+        "/cache",
+        "center",
+        "[routes.cache]\ndefault_ttl = \"1h\"\n[routes.outbox]\nretry_initial = \"50ms\"\nretry_max = \"200ms\"",
+    ))
+    .await;
+    let c = client();
+    let cache_status = |r: &reqwest::Response| {
+        r.headers()
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    eventually("cached", SECS(5), || async {
+        let r = c.get(node.url("/cache/item-7")).send().await.expect("get");
+        cache_status(&r).contains("hit")
+    })
+    .await;
+    center.kill();
+    let r = c
+        .put(node.url("/cache/item-7"))
+        .body("new price")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 202);
+    let url = r.json::<Value>().await.expect("json")["status_url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    // Still the old copy while the write waits (stale-if-error is not even needed: it is fresh).
+    let r = c.get(node.url("/cache/item-7")).send().await.expect("get");
+    assert!(cache_status(&r).contains("hit"));
+    center.restart().await;
+    eventually("delivered", SECS(15), || async {
+        status_of(&node, &url).await["state"] == "delivered"
+    })
+    .await;
+    let r = c.get(node.url("/cache/item-7")).send().await.expect("get");
+    assert!(
+        !cache_status(&r).contains("hit"),
+        "the delivered write invalidated the copy: {}",
+        cache_status(&r)
+    );
+}
