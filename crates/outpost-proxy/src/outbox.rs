@@ -13,7 +13,7 @@
 //! backoff and jitter between attempts, and settled as delivered, failed (a permanent 4xx) or
 //! retried.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -291,6 +291,8 @@ fn headers_from_store(stored: &[(String, Vec<u8>)]) -> HeaderMap {
 pub fn spawn_deliverer(node: Arc<Node>, store: Store, stop: CancellationToken) {
     tokio::spawn(async move {
         let mut in_flight: HashSet<String> = HashSet::new();
+        // Which entry each delivery task carries, so a task that panicked frees its entry too.
+        let mut carrying: HashMap<tokio::task::Id, String> = HashMap::new();
         let mut tasks = tokio::task::JoinSet::new();
         let mut gauges = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -304,11 +306,11 @@ pub fn spawn_deliverer(node: Arc<Node>, store: Store, stop: CancellationToken) {
                             if in_flight.insert(entry.new.id.clone()) {
                                 let node = node.clone();
                                 let store = store.clone();
-                                tasks.spawn(async move {
-                                    let id = entry.new.id.clone();
+                                let id = entry.new.id.clone();
+                                let task = tasks.spawn(async move {
                                     deliver(&node, &store, entry).await;
-                                    id
                                 });
+                                carrying.insert(task.id(), id);
                             }
                         }
                     }
@@ -318,8 +320,15 @@ pub fn spawn_deliverer(node: Arc<Node>, store: Store, stop: CancellationToken) {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = store.outbox_queued() => {}
-                Some(done) = tasks.join_next() => {
-                    if let Ok(id) = done {
+                Some(done) = tasks.join_next_with_id() => {
+                    let task = match &done {
+                        Ok((task, ())) => *task,
+                        Err(e) => {
+                            tracing::error!(error = %e, "An outbox delivery task failed; its entry stays queued.");
+                            e.id()
+                        }
+                    };
+                    if let Some(id) = carrying.remove(&task) {
                         in_flight.remove(&id);
                     }
                 }
