@@ -307,14 +307,6 @@ async fn in_a_fleet_summaries_go_over_jetstream() {
         "import asyncio, json, nats\nasync def m():\n    nc = await nats.connect('{}')\n    js = nc.jetstream()\n    sub = await js.pull_subscribe('outpost.analytics.>', stream='OUTPOST_ANALYTICS')\n    msgs = await sub.fetch(100, timeout=2)\n    total = 0\n    for msg in msgs:\n        doc = json.loads(msg.data)\n        assert doc['node'] == 'fleet-shop', doc\n        assert msg.headers.get('Nats-Msg-Id', '').startswith('fleet-shop-'), msg.headers\n        total += sum(t['count'] for t in doc['types'].values())\n    print(total)\n    await nc.close()\nasyncio.run(m())\n",
         hub.url()
     );
-    let out = std::process::Command::new(python())
-        .args(["-c", &script])
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), N.to_string());
+    let stdout = run_python(&script);
+    assert_eq!(stdout.trim(), N.to_string());
 }

@@ -367,16 +367,8 @@ async fn a_new_node_catches_up_from_snapshots_when_the_delta_stream_lost_history
         "import asyncio, nats\nasync def m():\n    nc = await nats.connect('{}')\n    js = nc.jetstream()\n    await js.purge_stream('OUTPOST_DELTAS')\n    print((await js.stream_info('OUTPOST_DELTAS')).state.messages)\n    await nc.close()\nasyncio.run(m())\n",
         hub.url()
     );
-    let out = std::process::Command::new(python())
-        .args(["-c", &script])
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+    let stdout = run_python(&script);
+    assert_eq!(stdout.trim(), "0");
 
     let newcomer = Node::start(&fleet_node("new-1", &hub)).await;
     eventually("caught up from snapshots", SECS(15), || async {
@@ -417,15 +409,7 @@ async fn invalidations_from_the_center_purge_every_node() {
         hub.url()
     );
     let started = Instant::now();
-    let out = std::process::Command::new(python())
-        .args(["-c", &script])
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python(&script);
     for n in &nodes {
         eventually("the tag purge reached the node", SECS(5), || async {
             n.logs.contains("Applied a fleet invalidation.")

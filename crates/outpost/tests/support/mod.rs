@@ -35,6 +35,21 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs a Python snippet with the venv's interpreter (the center's clients: nats-py,
+/// outpost_fastapi); panics with its stderr if it fails; returns its stdout.
+pub fn run_python(script: &str) -> String {
+    let out = Command::new(python())
+        .args(["-c", script])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Polls `cond` until it is true or `deadline` passes (then panics with `what`).
 pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut cond: F)
 where
