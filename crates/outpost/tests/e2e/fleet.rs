@@ -766,3 +766,58 @@ async fn fleet_status_shows_every_node_flags_the_unhealthy_one_and_drops_the_sil
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mutual_tls_backbone_admits_nodes_with_a_client_certificate() {
+    let pki = tempfile::tempdir().expect("pki dir");
+    crate::guard::pki(pki.path());
+    let p = |n: &str| pki.path().join(n).display().to_string();
+    let hub = Nats::hub_with(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true, timeout: 2 }}",
+        p("server.pem"),
+        p("server.key"),
+        p("ca.pem")
+    ));
+    let node = |id: &str, client: bool| {
+        let client_tls = if client {
+            format!(
+                ", client_cert = \"{}\", client_key = \"{}\"",
+                p("client.pem"),
+                p("client.key")
+            )
+        } else {
+            String::new()
+        };
+        NodeConfig::new().id(id).raw(&format!(
+            "[fleet]\nnats = \"tls://127.0.0.1:{}\"\njetstream_domain = \"hub\"\ntls = {{ ca_file = \"{}\"{client_tls} }}\n",
+            hub.port,
+            p("ca.pem")
+        ))
+    };
+    let with_cert = Node::start(&node("tls-ok", true)).await;
+    let without = Node::start(&node("tls-no-cert", false)).await;
+    eventually(
+        "the node with a client certificate joins",
+        SECS(15),
+        || async {
+            with_cert.state("GET", "/state/fleet", None).await.1["fleet"]["connected"] == true
+        },
+    )
+    .await;
+    incr(&with_cert, "n", 1).await;
+    eventually("its change is published over TLS", SECS(10), || async {
+        with_cert
+            .metric("outpost_fleet_changes_published_total")
+            .await
+            >= 1.0
+    })
+    .await;
+    // The server verifies clients: no certificate, no fleet (the node still serves locally).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        without.state("GET", "/state/fleet", None).await.1["fleet"]["connected"],
+        false
+    );
+    incr(&without, "n", 1).await;
+    assert_eq!(counter(&without, "n").await, 1);
+}

@@ -343,7 +343,7 @@ async fn ab_variants_are_sticky_forwarded_and_part_of_the_cache_key() {
 }
 
 /// A CA, and a server and a client certificate it signed.
-fn pki(dir: &std::path::Path) {
+pub(crate) fn pki(dir: &std::path::Path) {
     use rcgen::{
         BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
         IsCa, KeyPair, SanType,
