@@ -30,8 +30,15 @@ pub async fn serve(
         .route("/origins", get(origins))
         .route("/reload", post(reload))
         .route("/cache/purge", post(purge))
-        .merge(crate::state_api::routes())
-        .merge(crate::analytics::routes())
+        .merge(
+            // Everything that reads or changes state needs the token: checked once, here.
+            crate::state_api::routes()
+                .merge(crate::analytics::routes())
+                .route_layer(axum::middleware::from_fn_with_state(
+                    life.clone(),
+                    require_token,
+                )),
+        )
         .with_state(life);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -171,12 +178,24 @@ async fn purge(
     axum::Json(json!({ "purged": purged, "soft": request.soft })).into_response()
 }
 
+/// Layer for the state and analytics routes: the admin token, or the ready-made refusal.
+async fn require_token(
+    State(life): State<Arc<Lifecycle>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorize(&life, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(resp) => resp,
+    }
+}
+
 /// Checks the bearer token in constant time.
 #[expect(
     clippy::result_large_err,
     reason = "the error is the ready-made HTTP response"
 )]
-pub(crate) fn authorize(life: &Lifecycle, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(life: &Lifecycle, headers: &HeaderMap) -> Result<(), Response> {
     let Some(expected) = life.admin_token.as_deref() else {
         return Err((
             StatusCode::FORBIDDEN,

@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use outpost_config::{Config, SendVia};
@@ -315,6 +315,20 @@ pub fn routes() -> Router<Arc<Lifecycle>> {
         .route("/analytics/summaries", get(summaries))
 }
 
+/// The analytics store, or the 404 that says how to turn analytics on.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the ready-made HTTP response"
+)]
+fn enabled(life: &Lifecycle) -> Result<&outpost_state::analytics::Analytics, Response> {
+    life.node.analytics().ok_or_else(|| {
+        failure(
+            StatusCode::NOT_FOUND,
+            "analytics are off: set [analytics] enabled = true",
+        )
+    })
+}
+
 fn failure(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": msg.into() }))).into_response()
 }
@@ -329,19 +343,10 @@ struct CountsQuery {
     limit: Option<usize>,
 }
 
-async fn counts(
-    State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
-    Query(q): Query<CountsQuery>,
-) -> Response {
-    if let Err(resp) = crate::admin::authorize(&life, &headers) {
-        return resp;
-    }
-    let Some(analytics) = life.node.analytics() else {
-        return failure(
-            StatusCode::NOT_FOUND,
-            "analytics are off: set [analytics] enabled = true",
-        );
+async fn counts(State(life): State<Arc<Lifecycle>>, Query(q): Query<CountsQuery>) -> Response {
+    let analytics = match enabled(&life) {
+        Ok(a) => a,
+        Err(resp) => return resp,
     };
     let by = match q.by.as_deref().map(GroupBy::parse) {
         None => GroupBy::Type,
@@ -371,17 +376,11 @@ struct SummariesQuery {
 
 async fn summaries(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Query(q): Query<SummariesQuery>,
 ) -> Response {
-    if let Err(resp) = crate::admin::authorize(&life, &headers) {
-        return resp;
-    }
-    let Some(analytics) = life.node.analytics() else {
-        return failure(
-            StatusCode::NOT_FOUND,
-            "analytics are off: set [analytics] enabled = true",
-        );
+    let analytics = match enabled(&life) {
+        Ok(a) => a,
+        Err(resp) => return resp,
     };
     let limit = q.limit.unwrap_or(20).clamp(1, 1000);
     let (recent, pending) = match (

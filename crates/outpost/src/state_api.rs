@@ -1,5 +1,5 @@
 //! The state API on the admin listener: KV and CRDT objects over HTTP, for operators, scripts
-//! and the center. Every call needs the admin token (state may hold anything).
+//! and the center. Every call needs the admin token (state may hold anything), checked once by the `admin::require_token` layer.
 //!
 //! ```text
 //! GET    /state/kv/{ns}?prefix=&after=&limit=     list live keys
@@ -94,14 +94,6 @@ fn not_found(what: &str) -> Response {
         .into_response()
 }
 
-macro_rules! authorized {
-    ($life:expr, $headers:expr) => {
-        if let Err(resp) = crate::admin::authorize(&$life, &$headers) {
-            return resp;
-        }
-    };
-}
-
 #[derive(Debug, Deserialize)]
 struct ListQuery {
     #[serde(default)]
@@ -112,11 +104,9 @@ struct ListQuery {
 
 async fn kv_list(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Path(ns): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    authorized!(life, headers);
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     match life
         .store
@@ -136,10 +126,8 @@ async fn kv_list(
 
 async fn kv_get(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Path((ns, key)): Path<(String, String)>,
 ) -> Response {
-    authorized!(life, headers);
     match life.store.kv_get(&ns, &key) {
         Ok(Some(entry)) => {
             let ct = entry
@@ -173,7 +161,6 @@ async fn kv_put(
     Query(q): Query<PutQuery>,
     body: Bytes,
 ) -> Response {
-    authorized!(life, headers);
     let ttl = match q.ttl.as_deref().map(humantime::parse_duration) {
         None => None,
         Some(Ok(d)) => Some(d),
@@ -195,18 +182,15 @@ async fn kv_put(
 
 async fn kv_delete(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Path((ns, key)): Path<(String, String)>,
 ) -> Response {
-    authorized!(life, headers);
     match life.store.kv_delete(&ns, &key).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => error(&e),
     }
 }
 
-async fn objects(State(life): State<Arc<Lifecycle>>, headers: HeaderMap) -> Response {
-    authorized!(life, headers);
+async fn objects(State(life): State<Arc<Lifecycle>>) -> Response {
     let list: Vec<Value> = life
         .store
         .objects()
@@ -269,41 +253,27 @@ struct By {
     by: Option<i64>,
 }
 
-async fn counter(
-    State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    authorized!(life, headers);
+async fn counter(State(life): State<Arc<Lifecycle>>, Path(name): Path<String>) -> Response {
     read_object(&life, &name, Kind::PNCounter)
 }
 
 async fn counter_incr(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<By>,
 ) -> Response {
-    authorized!(life, headers);
     update(&life, &name, Op::Add(q.by.unwrap_or(1))).await
 }
 
-async fn gcounter(
-    State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    authorized!(life, headers);
+async fn gcounter(State(life): State<Arc<Lifecycle>>, Path(name): Path<String>) -> Response {
     read_object(&life, &name, Kind::GCounter)
 }
 
 async fn gcounter_incr(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<By>,
 ) -> Response {
-    authorized!(life, headers);
     let by = q.by.unwrap_or(1);
     let Ok(by) = u64::try_from(by) else {
         return bad_request(
@@ -313,12 +283,7 @@ async fn gcounter_incr(
     update(&life, &name, Op::GIncr(by)).await
 }
 
-async fn set(
-    State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    authorized!(life, headers);
+async fn set(State(life): State<Arc<Lifecycle>>, Path(name): Path<String>) -> Response {
     read_object(&life, &name, Kind::ORSet)
 }
 
@@ -338,11 +303,9 @@ fn elements(body: &[u8]) -> Result<Vec<String>, String> {
 
 async fn set_add(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    authorized!(life, headers);
     match elements(&body) {
         Ok(els) => update(&life, &name, Op::SetAdd(els)).await,
         Err(msg) => bad_request(msg),
@@ -351,11 +314,9 @@ async fn set_add(
 
 async fn set_remove(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    authorized!(life, headers);
     match elements(&body) {
         Ok(els) => update(&life, &name, Op::SetRemove(els)).await,
         Err(msg) => bad_request(msg),
@@ -368,52 +329,33 @@ fn json_text(body: &[u8]) -> Result<String, String> {
         .map_err(|e| format!("the body must be one JSON value: {e}"))
 }
 
-async fn register(
-    State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    authorized!(life, headers);
+async fn register(State(life): State<Arc<Lifecycle>>, Path(name): Path<String>) -> Response {
     read_object(&life, &name, Kind::LwwRegister)
 }
 
 async fn register_set(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    authorized!(life, headers);
     match json_text(&body) {
         Ok(v) => update(&life, &name, Op::RegisterSet(Some(v))).await,
         Err(msg) => bad_request(msg),
     }
 }
 
-async fn register_clear(
-    State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    authorized!(life, headers);
+async fn register_clear(State(life): State<Arc<Lifecycle>>, Path(name): Path<String>) -> Response {
     update(&life, &name, Op::RegisterSet(None)).await
 }
 
-async fn map(
-    State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    authorized!(life, headers);
+async fn map(State(life): State<Arc<Lifecycle>>, Path(name): Path<String>) -> Response {
     read_object(&life, &name, Kind::LwwMap)
 }
 
 async fn map_get(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Path((name, key)): Path<(String, String)>,
 ) -> Response {
-    authorized!(life, headers);
     match life.store.object(&name).as_deref() {
         Some(Crdt::LwwMap(m)) => match m.get(&key) {
             Some(v) => axum::Json(parse_stored(v)).into_response(),
@@ -430,11 +372,9 @@ async fn map_get(
 
 async fn map_set(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Path((name, key)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    authorized!(life, headers);
     match json_text(&body) {
         Ok(v) => update(&life, &name, Op::MapSet(key, v)).await,
         Err(msg) => bad_request(msg),
@@ -443,15 +383,12 @@ async fn map_set(
 
 async fn map_remove(
     State(life): State<Arc<Lifecycle>>,
-    headers: HeaderMap,
     Path((name, key)): Path<(String, String)>,
 ) -> Response {
-    authorized!(life, headers);
     update(&life, &name, Op::MapRemove(key)).await
 }
 
-async fn fleet(State(life): State<Arc<Lifecycle>>, headers: HeaderMap) -> Response {
-    authorized!(life, headers);
+async fn fleet(State(life): State<Arc<Lifecycle>>) -> Response {
     let unpublished = life.store.unpublished_count().unwrap_or(0);
     let link = life
         .fleet
@@ -467,8 +404,7 @@ async fn fleet(State(life): State<Arc<Lifecycle>>, headers: HeaderMap) -> Respon
 
 /// `GET /fleet/status`: every node's heartbeat with its verdict (what `outpost fleet status`
 /// prints), read through this node's fleet link.
-async fn fleet_status(State(life): State<Arc<Lifecycle>>, headers: HeaderMap) -> Response {
-    authorized!(life, headers);
+async fn fleet_status(State(life): State<Arc<Lifecycle>>) -> Response {
     let Some(fleet) = &life.fleet else {
         return (
             StatusCode::NOT_FOUND,
