@@ -278,21 +278,7 @@ start_nginx() {
         open_file_cache="open_file_cache max=$((BENCH_OFFLOAD_KEYS + BENCH_HIT_OBJECTS + 100)) inactive=60s;"
     fi
     cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-
-events {
-    worker_connections 1024;
-}
-
-http {
-    access_log off;
-    client_body_temp_path $dir/client_body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
+$(bench_nginx_head "$dir")
 
     proxy_cache_path $dir/cache levels=1:2 keys_zone=bench:16m max_size=${CACHE_MB}m inactive=1h use_temp_path=off;
     $open_file_cache

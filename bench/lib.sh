@@ -510,3 +510,27 @@ bench_ratio() {
         else printf "%.2f\n", a / b
     }'
 }
+
+# bench_nginx_head DIR: the start of every benchmark's nginx.conf up to inside `http {`: one
+# worker, pid/logs/temp paths in DIR, no access log. The caller appends its server block and
+# the closing brace.
+bench_nginx_head() {
+    local dir=$1
+    cat <<EOF
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+
+events {
+    worker_connections 1024;
+}
+
+http {
+    access_log off;
+    client_body_temp_path $dir/client_body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+EOF
+}

@@ -419,21 +419,7 @@ run_nginx() {
     chmod 755 "$BENCH_TMP" "$dir"
     port=$(bench_free_port)
     cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-
-events {
-    worker_connections 1024;
-}
-
-http {
-    access_log off;
-    client_body_temp_path $dir/client_body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
+$(bench_nginx_head "$dir")
     default_type application/octet-stream;
 
     server {
