@@ -39,6 +39,13 @@ Endpoints
     ``{"changed": name}``.
 ``GET /control/count/{name}``
     ``{"n": n}``: requests ``/cache/{name}`` received, any method.
+``GET /images/{name}``
+    For a name ending in ``.png``: the same deterministic 64x48 RGB gradient
+    PNG (built with zlib + struct only) with ``Content-Type: image/png`` and
+    ``Cache-Control: public, max-age=60``; any other name is 404. The source
+    images of the resize guest function (examples/functions/resize).
+``GET /control/count/images/{name}``
+    ``{"n": n}``: requests ``/images/{name}`` received.
 ``GET /healthz``
     200 ``{"ok": true, "region": R}``, or 503 while marked unhealthy.
 ``POST /control/health`` ``{"healthy": bool}``
@@ -53,8 +60,11 @@ Endpoints
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
+import struct
+import zlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Path, Query, Request, Response
@@ -191,6 +201,49 @@ async def cacheable(request: Request, name: str) -> Response:
 @app.get("/control/count/{name}")
 async def cache_count(name: str) -> dict:
     return {"n": cache_counts.get(name, 0)}
+
+
+IMAGE_WIDTH, IMAGE_HEIGHT = 64, 48
+image_counts: dict[str, int] = {}
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@functools.cache
+def gradient_png(width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT) -> bytes:
+    """An 8-bit RGB PNG: red grows left to right, green top to bottom, blue 128."""
+    rows = bytearray()
+    for y in range(height):
+        rows.append(0)  # filter type: none
+        g = y * 255 // max(height - 1, 1)
+        for x in range(width):
+            rows += bytes((x * 255 // max(width - 1, 1), g, 128))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit truecolour
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(bytes(rows), 9))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+@app.get("/images/{name}")
+async def image(name: str) -> Response:
+    image_counts[name] = image_counts.get(name, 0) + 1
+    if not name.endswith(".png"):
+        return JSONResponse({"error": "not found", "name": name}, status_code=404)
+    return Response(
+        gradient_png(),
+        media_type="image/png",
+        headers={"cache-control": "public, max-age=60"},
+    )
+
+
+@app.get("/control/count/images/{name}")
+async def image_count(name: str) -> dict:
+    return {"n": image_counts.get(name, 0)}
 
 
 @app.get("/slow")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import struct
+import zlib
 
 import pytest
 from fastapi.testclient import TestClient
@@ -151,3 +153,48 @@ def test_cacheable_resource_sets_headers_counts_and_answers_304(client):
     assert r.status_code == 304
     assert client.post("/cache/doc").json() == {"changed": "doc"}
     assert client.get("/control/count/doc").json() == {"n": 3}
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body)
+        chunks.append((kind, body))
+        pos += 12 + length
+    return chunks
+
+
+def test_images_png_is_a_deterministic_gradient_and_counted(client):
+    echo_app.image_counts.clear()
+    r = client.get("/images/cat.png")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers["cache-control"] == "public, max-age=60"
+    assert r.headers["x-origin-region"] == echo_app.REGION
+    assert client.get("/images/other.png").content == r.content  # same bytes every time
+
+    chunks = _png_chunks(r.content)
+    assert [kind for kind, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (width, height, depth, colour, interlace) == (64, 48, 8, 2, 0)
+    raw = zlib.decompress(chunks[1][1])
+    stride = 1 + 3 * width
+    assert len(raw) == height * stride
+    pixel = lambda x, y: tuple(raw[y * stride + 1 + 3 * x : y * stride + 4 + 3 * x])  # noqa: E731
+    assert pixel(0, 0) == (0, 0, 128)
+    assert pixel(63, 0) == (255, 0, 128)
+    assert pixel(0, 47) == (0, 255, 128)
+
+    assert client.get("/control/count/images/cat.png").json() == {"n": 1}
+    assert client.get("/control/count/images/other.png").json() == {"n": 1}
+
+
+@pytest.mark.parametrize("name", ["cat.jpg", "cat", "cat.png.txt"])
+def test_images_unknown_extension_is_404(client, name):
+    r = client.get(f"/images/{name}")
+    assert r.status_code == 404
+    assert client.get(f"/control/count/images/{name}").json()["n"] >= 1

@@ -1,0 +1,103 @@
+//! `hostile`: misbehaves on purpose, for the host's containment tests.
+//!
+//! | path         | behaviour                                                             |
+//! |--------------|-----------------------------------------------------------------------|
+//! | `/spin`      | infinite loop before any response (→ epoch deadline)                  |
+//! | `/oom`       | allocates and touches 1 MiB chunks forever (→ memory limit)           |
+//! | `/trap`      | `panic!` (→ trap)                                                     |
+//! | `/huge`      | 200 headers, then 64 KiB body chunks forever                          |
+//! | `/stall`     | 200 headers, writes `partial`, flushes, then spins forever            |
+//! | `/sleep`     | blocks in a host call (monotonic-clock subscribe-duration, 1 hour)    |
+//! | `/forbidden` | outgoing GET `http://example.com/` → 502 `denied: <error code>`       |
+//! | `/ok`        | 200 `ok`                                                              |
+//!
+//! Anything else → 404.
+
+use std::hint::black_box;
+use std::io::Write as _;
+
+use outpost_guest::{respond, send};
+use wasip2::http::types::{
+    Fields, IncomingRequest, OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme,
+};
+
+struct Hostile;
+
+/// Burns CPU forever without touching the host.
+fn spin() -> ! {
+    let mut n = 0u64;
+    loop {
+        n = black_box(n.wrapping_add(1));
+    }
+}
+
+fn text(out: ResponseOutparam, status: u16, body: &str) {
+    respond(
+        out,
+        status,
+        &[("content-type", "text/plain")],
+        body.as_bytes(),
+    );
+}
+
+impl wasip2::exports::http::incoming_handler::Guest for Hostile {
+    fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        let path = request.path_with_query().unwrap_or_default();
+        let path = path.split('?').next().unwrap_or("");
+        match path {
+            "/spin" => spin(),
+            "/oom" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    let mut chunk = vec![0u8; 1 << 20];
+                    for i in (0..chunk.len()).step_by(4096) {
+                        chunk[i] = 1; // touch every page
+                    }
+                    hoard.push(black_box(chunk));
+                }
+            }
+            "/trap" => panic!("hostile: trap requested"),
+            "/huge" => {
+                let resp = OutgoingResponse::new(Fields::new());
+                let _ = resp.set_status_code(200);
+                let body = resp.body().expect("body");
+                ResponseOutparam::set(out, Ok(resp));
+                let mut stream = body.write().expect("stream");
+                let chunk = vec![b'x'; 64 << 10];
+                loop {
+                    if stream.write_all(&chunk).is_err() {
+                        spin(); // the host stopped reading; keep misbehaving
+                    }
+                }
+            }
+            "/stall" => {
+                let resp = OutgoingResponse::new(Fields::new());
+                let _ = resp.set_status_code(200);
+                let body = resp.body().expect("body");
+                ResponseOutparam::set(out, Ok(resp));
+                let mut stream = body.write().expect("stream");
+                let _ = stream.write_all(b"partial");
+                let _ = stream.blocking_flush();
+                spin()
+            }
+            "/sleep" => {
+                wasip2::clocks::monotonic_clock::subscribe_duration(3600 * 1_000_000_000).block();
+                text(out, 200, "woke up after an hour")
+            }
+            "/forbidden" => {
+                let req = OutgoingRequest::new(Fields::new());
+                let _ = req.set_scheme(Some(&Scheme::Http));
+                let _ = req.set_authority(Some("example.com"));
+                let _ = req.set_path_with_query(Some("/"));
+                match send(req) {
+                    Ok(_) => text(out, 200, "reached"),
+                    Err(code) => text(out, 502, &format!("denied: {code:?}")),
+                }
+            }
+            "/ok" => text(out, 200, "ok"),
+            _ => text(out, 404, "unknown hostile path"),
+        }
+    }
+}
+
+wasip2::http::proxy::export!(Hostile);
