@@ -59,6 +59,13 @@ pub struct Config {
     /// Edge analytics: the public events endpoint and per-window summaries for the center.
     #[serde(default)]
     pub analytics: Analytics,
+    /// WebAssembly functions (`wasi:http` components) that routes can run instead of, or in
+    /// front of, an origin.
+    #[serde(default)]
+    pub functions: BTreeMap<String, Function>,
+    /// The node's WebAssembly engine: how many function instances may run at once.
+    #[serde(default)]
+    pub wasm: Wasm,
     /// Directory of the config file, for resolving relative paths; not part of the TOML.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -709,6 +716,101 @@ pub struct Route {
     /// `x-outpost-variant` (and the identity), and part of the cache key.
     #[serde(default)]
     pub experiments: Vec<String>,
+    /// A function (`[functions.<name>]`) that handles this route's requests after the guards;
+    /// it reaches `origin` (and the groups the function lists) as `http://<group>/…`.
+    #[serde(default)]
+    pub function: Option<String>,
+    /// A fixed answer from the node itself (maintenance pages, health probes, `robots.txt`),
+    /// like nginx's `return`; the origin is never asked.
+    #[serde(default)]
+    pub respond: Option<RouteRespond>,
+}
+
+/// A fixed response a route answers with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRespond {
+    /// Status code (default 200).
+    #[serde(default = "default_respond_status")]
+    pub status: u16,
+    /// Response body.
+    #[serde(default)]
+    pub body: String,
+    /// `Content-Type` (default `text/plain; charset=utf-8`).
+    #[serde(default = "default_respond_type")]
+    pub content_type: String,
+}
+
+fn default_respond_status() -> u16 {
+    200
+}
+
+fn default_respond_type() -> String {
+    "text/plain; charset=utf-8".into()
+}
+
+/// One WebAssembly function: a `wasi:http/proxy` component and its sandbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Function {
+    /// The `.wasm` component, relative to the config file. Deployed as a new version when its
+    /// content changes; `outpost fn deploy` adds versions without touching the config.
+    pub component: PathBuf,
+    /// Wall-clock budget per request, response body included (→ 504 before the headers, a
+    /// cut-off body after).
+    #[serde(default = "default_fn_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Linear memory limit per instance (→ 500 when exceeded).
+    #[serde(default = "default_fn_memory")]
+    pub memory: ByteSize,
+    /// Origin groups the function may call besides its route's `origin` and `write_origin`.
+    #[serde(default)]
+    pub origins: Vec<String>,
+    /// Values the guest reads through `wasi:config/store`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Secrets for `wasi:config/store`: key → name of an environment variable of the node
+    /// read at start, so the value never sits in the config file.
+    #[serde(default)]
+    pub config_env: BTreeMap<String, String>,
+    /// KV namespace behind the guest's `wasi:keyvalue` bucket (default `fn.<name>`).
+    #[serde(default)]
+    pub kv_namespace: Option<String>,
+}
+
+fn default_fn_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_fn_memory() -> ByteSize {
+    ByteSize::mib(128)
+}
+
+/// The WebAssembly engine shared by every function.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wasm {
+    /// Function instances that may run at once across all functions; one more gets 503.
+    /// Each reserves address space (not memory) up front.
+    #[serde(default = "default_wasm_instances")]
+    pub max_instances: u32,
+    /// Where compiled components are kept (relative to the config file); default
+    /// `<data_dir>/functions/cache`. Nodes on one machine may share it.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for Wasm {
+    fn default() -> Self {
+        Wasm {
+            max_instances: default_wasm_instances(),
+            cache_dir: None,
+        }
+    }
+}
+
+fn default_wasm_instances() -> u32 {
+    256
 }
 
 /// An A/B experiment.

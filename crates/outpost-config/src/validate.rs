@@ -148,12 +148,131 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_origin_tls(&mut c, config);
     check_fleet(&mut c, config);
     check_analytics(&mut c, config);
+    check_functions(&mut c, config);
     c.problems
 }
 
 const ALGORITHMS: [&str; 10] = [
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA", "HS256",
 ];
+
+fn check_functions(c: &mut Checker, config: &Config) {
+    let origin_names: Vec<&str> = config.origins.keys().map(String::as_str).collect();
+    for (name, f) in &config.functions {
+        c.name(path(&[&"functions", name]), "function name", name);
+        let full = config.base_dir.join(&f.component);
+        if !full.is_file() {
+            c.report(
+                path(&[&"functions", name, &"component"]),
+                format!("component file {} does not exist", full.display()),
+                "file not found",
+                Some(
+                    "paths are relative to the config file's directory; the examples are built \
+                     by scripts/build-functions"
+                        .to_owned(),
+                ),
+            );
+        }
+        if f.timeout.is_zero() {
+            c.report(
+                path(&[&"functions", name, &"timeout"]),
+                format!("function `{name}` has a zero timeout"),
+                "must be more than 0",
+                Some("e.g. timeout = \"2s\"".to_owned()),
+            );
+        }
+        if f.memory.as_u64() < 1 << 20 || f.memory.as_u64() > 4 << 30 {
+            c.report(
+                path(&[&"functions", name, &"memory"]),
+                format!("function `{name}`: memory {} is out of range", f.memory),
+                "between 1 MiB and 4 GiB",
+                Some("e.g. memory = \"64MiB\" (a Python function needs about 32 MiB)".to_owned()),
+            );
+        }
+        for (i, o) in f.origins.iter().enumerate() {
+            if !config.origins.contains_key(o) {
+                let help = match did_you_mean(o, &origin_names) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None => format!("defined origins: {}", origin_names.join(", ")),
+                };
+                c.report(
+                    path(&[&"functions", name, &"origins", &i]),
+                    format!("function `{name}` may call unknown origin `{o}`"),
+                    "no such origin",
+                    Some(help),
+                );
+            }
+        }
+    }
+    if config.wasm.max_instances == 0 || config.wasm.max_instances > 10_000 {
+        c.report(
+            path(&[&"wasm", &"max_instances"]),
+            format!(
+                "max_instances = {} is out of range",
+                config.wasm.max_instances
+            ),
+            "between 1 and 10000",
+            Some("each instance slot reserves address space; 256 suits most nodes".to_owned()),
+        );
+    }
+    let fn_names: Vec<&str> = config.functions.keys().map(String::as_str).collect();
+    for (i, r) in config.routes.iter().enumerate() {
+        if let Some(resp) = &r.respond {
+            if !(200..=599).contains(&resp.status) {
+                c.report(
+                    path(&[&"routes", &i, &"respond", &"status"]),
+                    format!("route `{}` responds with status {}", r.name, resp.status),
+                    "not a final status",
+                    Some("use 200-599".to_owned()),
+                );
+            }
+            if http::HeaderValue::from_str(&resp.content_type).is_err() {
+                c.report(
+                    path(&[&"routes", &i, &"respond", &"content_type"]),
+                    format!("route `{}`: content_type is not a header value", r.name),
+                    "invalid header value",
+                    Some("e.g. \"application/json\"".to_owned()),
+                );
+            }
+            if r.function.is_some() {
+                c.report(
+                    path(&[&"routes", &i, &"respond"]),
+                    format!(
+                        "route `{}` has both a fixed response and a function",
+                        r.name
+                    ),
+                    "one or the other",
+                    Some("drop `function` or [routes.respond]".to_owned()),
+                );
+            }
+        }
+        let Some(f) = &r.function else { continue };
+        if !config.functions.contains_key(f) {
+            let help = match did_you_mean(f, &fn_names) {
+                Some(best) => format!("did you mean `{best}`?"),
+                None if fn_names.is_empty() => {
+                    "define it with a [functions.NAME] table and `component = \"path.wasm\"`"
+                        .to_owned()
+                }
+                None => format!("defined functions: {}", fn_names.join(", ")),
+            };
+            c.report(
+                path(&[&"routes", &i, &"function"]),
+                format!("route `{}` runs unknown function `{f}`", r.name),
+                "no such function",
+                Some(help),
+            );
+        }
+        if r.function.is_some() && r.outbox.is_some() {
+            c.report(
+                path(&[&"routes", &i, &"outbox"]),
+                format!("route `{}` runs a function and has an outbox", r.name),
+                "not together",
+                Some("a function's writes go where the function sends them; drop [routes.outbox] or the function".to_owned()),
+            );
+        }
+    }
+}
 
 fn check_origin_tls(c: &mut Checker, config: &Config) {
     for (name, g) in &config.origins {

@@ -93,6 +93,26 @@ pub enum ProxyError {
     /// The local store could not keep the write.
     #[error("the write could not be stored at the edge ({0}); retry later")]
     Store(String),
+    /// The route's function ran past its time budget before answering.
+    #[error("function `{0}` did not answer in time")]
+    FunctionTimeout(String),
+    /// The route's function trapped, panicked or ran out of memory (details in the log,
+    /// under this request id).
+    #[error(
+        "function `{name}` failed ({outcome}); the node's log has the details under this request id"
+    )]
+    FunctionFailed {
+        /// Function name.
+        name: String,
+        /// `trap` or `oom`.
+        outcome: &'static str,
+    },
+    /// The route's function is not running here (not loaded, or no free instance slot).
+    #[error("function `{0}` is not available on this node right now; retry shortly")]
+    FunctionUnavailable(String),
+    /// The request could not be handed to the function.
+    #[error("the request cannot be handed to function `{0}`: {1}")]
+    FunctionRequest(String, String),
 }
 
 impl ProxyError {
@@ -106,15 +126,19 @@ impl ProxyError {
             | ProxyError::PayloadTooLarge { .. }
             | ProxyError::Auth(_)
             | ProxyError::RateLimited(_)
-            | ProxyError::Geo(_) => ErrorSource::Downstream,
+            | ProxyError::Geo(_)
+            | ProxyError::FunctionRequest(..) => ErrorSource::Downstream,
             ProxyError::NoHealthyEndpoint(_)
             | ProxyError::NoResidentEndpoint { .. }
             | ProxyError::OriginTimeout { .. }
             | ProxyError::OriginConnect { .. }
             | ProxyError::OriginBroken { .. } => ErrorSource::Upstream,
-            ProxyError::Loop | ProxyError::OutboxFull(_) | ProxyError::Store(_) => {
-                ErrorSource::Internal
-            }
+            ProxyError::Loop
+            | ProxyError::OutboxFull(_)
+            | ProxyError::Store(_)
+            | ProxyError::FunctionTimeout(_)
+            | ProxyError::FunctionFailed { .. }
+            | ProxyError::FunctionUnavailable(_) => ErrorSource::Internal,
         }
     }
 
@@ -137,6 +161,10 @@ impl ProxyError {
             ProxyError::NoResidentEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::OutboxFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             ProxyError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::FunctionTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::FunctionFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::FunctionUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::FunctionRequest(..) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -160,6 +188,10 @@ impl ProxyError {
             ProxyError::NoResidentEndpoint { .. } => "no-resident-endpoint",
             ProxyError::OutboxFull(_) => "outbox-full",
             ProxyError::Store(_) => "store-unavailable",
+            ProxyError::FunctionTimeout(_) => "function-timeout",
+            ProxyError::FunctionFailed { .. } => "function-failed",
+            ProxyError::FunctionUnavailable(_) => "function-unavailable",
+            ProxyError::FunctionRequest(..) => "function-bad-request",
         }
     }
 
@@ -176,6 +208,10 @@ impl ProxyError {
                 for (name, value) in &limited.headers {
                     resp.headers_mut().append(name, value.clone());
                 }
+            }
+            ProxyError::FunctionUnavailable(_) => {
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

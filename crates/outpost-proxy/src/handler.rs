@@ -35,21 +35,21 @@ use crate::origin::AttemptError;
 use crate::routing::strip_prefix;
 
 /// A response from an origin or the cache, with what the logs need to know about it.
-struct Forwarded {
-    response: Response<ProxyBody>,
+pub(crate) struct Forwarded {
+    pub(crate) response: Response<ProxyBody>,
     /// Time to the origin's response head, when the origin was asked.
-    origin_ms: Option<f64>,
+    pub(crate) origin_ms: Option<f64>,
     /// Region of the endpoint that answered, when one did.
-    region: Option<String>,
+    pub(crate) region: Option<String>,
     /// What the cache stage did, on cached routes.
-    cache: Option<CacheOutcome>,
+    pub(crate) cache: Option<CacheOutcome>,
 }
 
 /// Where an origin response came from, carried in its extensions through the cache stage.
 #[derive(Debug, Clone)]
-struct OriginInfo {
-    origin_ms: f64,
-    region: String,
+pub(crate) struct OriginInfo {
+    pub(crate) origin_ms: f64,
+    pub(crate) region: String,
 }
 
 /// Handles one request end to end. Never fails: every error becomes a response.
@@ -207,7 +207,7 @@ fn has_dot_segment(path: &str) -> bool {
 }
 
 async fn proxy(
-    node: &Node,
+    node: &Arc<Node>,
     snap: &Arc<Snapshot>,
     conn: &ConnInfo,
     ctx: &Arc<RequestContext>,
@@ -357,11 +357,11 @@ async fn proxy(
 }
 
 /// What the guards established about a request.
-struct Guarded<'a> {
+pub(crate) struct Guarded<'a> {
     /// The verified caller, on authenticated routes.
-    principal: Option<Principal>,
+    pub(crate) principal: Option<Principal>,
     /// One variant per experiment of the route.
-    variants: &'a [Assignment],
+    pub(crate) variants: &'a [Assignment],
 }
 
 /// The node's public identity keys, for origins verifying `x-outpost-identity`.
@@ -431,7 +431,7 @@ fn identity_claims(
 
 #[expect(clippy::too_many_arguments, reason = "the request's whole context")]
 async fn forward(
-    node: &Node,
+    node: &Arc<Node>,
     snap: &Arc<Snapshot>,
     index: usize,
     route: &RouteRuntime,
@@ -445,6 +445,19 @@ async fn forward(
         principal,
         variants,
     } = guarded;
+    if let Some(fixed) = &route.respond {
+        let mut response = Response::new(crate::body::full(fixed.body.clone()));
+        *response.status_mut() = fixed.status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, fixed.content_type.clone());
+        return Ok(Forwarded {
+            response,
+            origin_ms: None,
+            region: None,
+            cache: None,
+        });
+    }
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -494,6 +507,24 @@ async fn forward(
         }),
     };
 
+    if let Some(name) = &route.function {
+        return crate::function::run(
+            node,
+            snap,
+            index,
+            route,
+            name,
+            ctx,
+            hop,
+            principal.as_ref(),
+            (parts.method, parts.uri, parts.version),
+            path_and_query,
+            headers,
+            body,
+        )
+        .await;
+    }
+
     if let Some(policy) = &route.outbox
         && !parts.method.is_safe()
     {
@@ -515,6 +546,7 @@ async fn forward(
         hop.add_forwarding(&mut headers, ctx);
         return send_to_origin(
             route,
+            route.group_for(&parts.method),
             &ctx.request_id,
             ctx.location.point,
             &parts.method,
@@ -538,6 +570,7 @@ async fn forward(
             path_and_query,
             ctx: ctx.clone(),
             hop,
+            group: None,
         });
         let handled = node
             .cache()
@@ -647,6 +680,7 @@ async fn keep_or_forward(
         hop.add_identity(&mut now);
         match send_to_origin(
             route,
+            route.group_for(method),
             &ctx.request_id,
             ctx.location.point,
             method,
@@ -732,6 +766,7 @@ async fn bypass(
     rc.metrics.record(CacheOutcome::Bypass.index());
     let mut f = send_to_origin(
         route,
+        route.group_for(method),
         &ctx.request_id,
         ctx.location.point,
         method,
@@ -755,8 +790,9 @@ async fn bypass(
 
 /// What the forwarding headers say about this hop, owned so that a cache miss can add them
 /// after the lookup (a hit never needs them).
-struct Hop {
-    host: Option<String>,
+#[derive(Clone)]
+pub(crate) struct Hop {
+    pub(crate) host: Option<String>,
     scheme: crate::context::Scheme,
     peer: IpAddr,
     stripped_prefix: Option<String>,
@@ -766,6 +802,7 @@ struct Hop {
 }
 
 /// What goes into `x-outpost-identity`; signed when the request leaves for the origin.
+#[derive(Clone)]
 struct Identity {
     signer: Arc<outpost_guard::IdentitySigner>,
     audience: String,
@@ -773,7 +810,7 @@ struct Identity {
 }
 
 impl Hop {
-    fn add_forwarding(&self, headers: &mut HeaderMap, ctx: &RequestContext) {
+    pub(crate) fn add_forwarding(&self, headers: &mut HeaderMap, ctx: &RequestContext) {
         self.add_identity(headers);
         self.add_plain_forwarding(headers, ctx);
     }
@@ -807,12 +844,14 @@ impl Hop {
 
 /// The cache stage's way to the origin: the route's origin stage, owned so that a background
 /// refresh can outlive the request that started it.
-struct OriginFetch {
-    snap: Arc<Snapshot>,
-    route: usize,
-    path_and_query: String,
-    ctx: Arc<RequestContext>,
-    hop: Hop,
+pub(crate) struct OriginFetch {
+    pub(crate) snap: Arc<Snapshot>,
+    pub(crate) route: usize,
+    pub(crate) path_and_query: String,
+    pub(crate) ctx: Arc<RequestContext>,
+    pub(crate) hop: Hop,
+    /// The origin group to ask instead of the route's (a function's request to a group).
+    pub(crate) group: Option<String>,
 }
 
 impl Upstream for OriginFetch {
@@ -829,12 +868,21 @@ impl Upstream for OriginFetch {
         let path_and_query = self.path_and_query.clone();
         let request_id = self.ctx.request_id.clone();
         let at = self.ctx.location.point;
+        let group = self.group.clone();
         async move {
             let Some(route) = snap.routes.get(route) else {
                 return Err(ProxyError::NoRoute);
             };
+            let group = match &group {
+                Some(name) => snap
+                    .origins
+                    .group(name)
+                    .ok_or_else(|| ProxyError::NoHealthyEndpoint(name.clone()))?,
+                None => route.group_for(&method),
+            };
             let f = send_to_origin(
                 route,
+                group,
                 &request_id,
                 at,
                 &method,
@@ -858,8 +906,10 @@ impl Upstream for OriginFetch {
 
 /// The origin stage: nearest available endpoint, one retry on the next-nearest when the first
 /// could not even connect (and the body was not consumed yet).
-async fn send_to_origin(
+#[expect(clippy::too_many_arguments, reason = "the request's whole context")]
+pub(crate) async fn send_to_origin(
     route: &RouteRuntime,
+    group: &crate::origin::OriginGroup,
     request_id: &str,
     at: GeoPoint,
     method: &Method,
@@ -870,7 +920,6 @@ async fn send_to_origin(
     let too_large = ProxyError::PayloadTooLarge {
         limit: route.max_body,
     };
-    let group = route.group_for(method);
     let mut candidates = group.nearest_available(at);
     if !route.residency.is_empty() {
         candidates.retain(|e| route.residency.contains(&e.region));
@@ -892,6 +941,16 @@ async fn send_to_origin(
     let mut source = match body {
         OutgoingBody::Buffered(bytes) => BodySource::Buffered(bytes),
         OutgoingBody::Stream(body) if !body.is_end_stream() => {
+            let flag = Arc::new(AtomicBool::new(false));
+            let limited = boxed(LimitedBody::new(body, route.max_body, flag.clone()));
+            exceeded = Some(flag);
+            if attempts > 1 {
+                BodySource::Replay(ReplayableBody::new(limited))
+            } else {
+                BodySource::Once(Some(limited))
+            }
+        }
+        OutgoingBody::Boxed(body) if !body.is_end_stream() => {
             let flag = Arc::new(AtomicBool::new(false));
             let limited = boxed(LimitedBody::new(body, route.max_body, flag.clone()));
             exceeded = Some(flag);
@@ -972,6 +1031,8 @@ pub(crate) enum OutgoingBody {
     Stream(Incoming),
     /// A body read whole; every attempt can send it.
     Buffered(bytes::Bytes),
+    /// A body from inside the node (a function's request), streamed.
+    Boxed(ProxyBody),
 }
 
 /// The origin stage for a body already in memory (the outbox deliverer's way in).
@@ -986,6 +1047,7 @@ pub(crate) async fn send_buffered(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     send_to_origin(
         route,
+        route.group_for(method),
         request_id,
         at,
         method,

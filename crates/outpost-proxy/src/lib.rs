@@ -18,6 +18,7 @@ pub mod context;
 pub mod error;
 pub mod events;
 pub mod filters;
+mod function;
 pub mod geo;
 pub mod handler;
 pub mod node;

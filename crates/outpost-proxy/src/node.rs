@@ -58,6 +58,33 @@ pub struct RouteRuntime {
     pub experiments: Vec<Arc<outpost_guard::ab::Experiment>>,
     /// `outpost_guard_rejections_total{route, reason}`, indexed by [`Rejection`].
     pub rejections: IndexedCounters,
+    /// The function that handles the route's requests, when it has one.
+    pub function: Option<String>,
+    /// Origin groups the route's function may call as `http://<group>/…`.
+    pub function_groups: Vec<String>,
+    /// The fixed answer of a `[routes.respond]` route.
+    pub respond: Option<FixedResponse>,
+}
+
+/// A route's fixed answer, ready to clone into responses.
+#[derive(Debug, Clone)]
+pub struct FixedResponse {
+    /// Status code.
+    pub status: http::StatusCode,
+    /// `Content-Type`.
+    pub content_type: HeaderValue,
+    /// Body.
+    pub body: bytes::Bytes,
+}
+
+fn fixed_response(r: &outpost_config::Route) -> Option<FixedResponse> {
+    let f = r.respond.as_ref()?;
+    Some(FixedResponse {
+        status: http::StatusCode::from_u16(f.status).unwrap_or(http::StatusCode::OK),
+        content_type: HeaderValue::from_str(&f.content_type)
+            .unwrap_or(HeaderValue::from_static("text/plain")),
+        body: bytes::Bytes::from(f.body.clone()),
+    })
 }
 
 impl RouteRuntime {
@@ -197,6 +224,22 @@ pub fn storage_config(config: &Config) -> StorageConfig {
             .as_ref()
             .map(|d| (config.base_dir.join(d), config.cache.disk_size.as_u64())),
     }
+}
+
+/// The groups a route's function may call: the route's own, its write group, and the ones
+/// the function lists.
+fn function_groups(config: &Config, r: &outpost_config::Route) -> Vec<String> {
+    let Some(f) = &r.function else {
+        return Vec::new();
+    };
+    let mut groups = vec![r.origin.clone()];
+    groups.extend(r.write_origin.iter().cloned());
+    if let Some(def) = config.functions.get(f) {
+        groups.extend(def.origins.iter().cloned());
+    }
+    groups.sort();
+    groups.dedup();
+    groups
 }
 
 /// Everything a request needs, built from one config.
@@ -440,6 +483,9 @@ impl Snapshot {
                     .iter()
                     .filter_map(|name| experiments.get(name).cloned())
                     .collect(),
+                function: r.function.clone(),
+                function_groups: function_groups(&config, r),
+                respond: fixed_response(r),
             });
         }
         sweep_limits(&routes);
@@ -484,6 +530,8 @@ pub struct Node {
     store: std::sync::OnceLock<outpost_state::Store>,
     /// The node's analytics store, attached once by the binary when `[analytics] enabled`.
     analytics: std::sync::OnceLock<outpost_state::analytics::Analytics>,
+    /// The node's functions, attached once by the binary when the config has any.
+    functions: std::sync::OnceLock<Arc<outpost_functions::Functions>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -507,6 +555,7 @@ impl Node {
             storage,
             store: std::sync::OnceLock::new(),
             analytics: std::sync::OnceLock::new(),
+            functions: std::sync::OnceLock::new(),
         }))
     }
 
@@ -545,6 +594,16 @@ impl Node {
     /// The analytics store, when analytics are on.
     pub fn analytics(&self) -> Option<&outpost_state::analytics::Analytics> {
         self.analytics.get()
+    }
+
+    /// Attaches the functions registry (once; later calls are ignored).
+    pub fn attach_functions(&self, functions: Arc<outpost_functions::Functions>) {
+        let _ = self.functions.set(functions);
+    }
+
+    /// The functions registry, when the node has functions.
+    pub fn functions(&self) -> Option<&Arc<outpost_functions::Functions>> {
+        self.functions.get()
     }
 
     /// The snapshot to use for one request.

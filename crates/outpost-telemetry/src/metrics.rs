@@ -177,8 +177,36 @@ pub struct Metrics {
     analytics_events: Family<ResultLabels, Counter>,
     analytics_summaries: Family<ResultLabels, Counter>,
     analytics_pending: Gauge,
+    function_calls: Family<FunctionOutcomeLabels, Counter>,
+    function_duration: Family<FunctionOutcomeLabels, Histogram, fn() -> Histogram>,
+    function_instantiate: Family<FunctionLabels, Histogram, fn() -> Histogram>,
+    function_deploys: Family<FunctionResultLabels, Counter>,
     /// Last running totals reported by the analytics shipper (to add only the difference).
     analytics_seen: Arc<std::sync::Mutex<[u64; 4]>>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionOutcomeLabels {
+    function: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionLabels {
+    function: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionResultLabels {
+    function: String,
+    result: &'static str,
+}
+
+/// Instantiation takes microseconds; the request buckets would put every sample in the first.
+fn instantiate_histogram() -> Histogram {
+    Histogram::new([
+        5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
+    ])
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -429,6 +457,34 @@ impl Metrics {
             "Closed-window summaries not yet delivered to the center",
             analytics_pending.clone(),
         );
+        let function_calls = Family::<FunctionOutcomeLabels, Counter>::default();
+        registry.register(
+            "function_invocations",
+            "Function invocations by outcome (ok, trap, timeout, oom, unavailable)",
+            function_calls.clone(),
+        );
+        let function_duration: Family<FunctionOutcomeLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "function_duration",
+            "Time from instantiation to the guest's return (body streamed), by outcome",
+            prometheus_client::registry::Unit::Seconds,
+            function_duration.clone(),
+        );
+        let function_instantiate: Family<FunctionLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(instantiate_histogram);
+        registry.register_with_unit(
+            "function_instantiate_duration",
+            "Time to create a fresh instance (store, limits, instantiate) per request",
+            prometheus_client::registry::Unit::Seconds,
+            function_instantiate.clone(),
+        );
+        let function_deploys = Family::<FunctionResultLabels, Counter>::default();
+        registry.register(
+            "function_deploys",
+            "Function deploys and rollbacks by result (ok, rejected)",
+            function_deploys.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -462,6 +518,10 @@ impl Metrics {
             analytics_summaries,
             analytics_pending,
             analytics_seen: Arc::new(std::sync::Mutex::new([0; 4])),
+            function_calls,
+            function_duration,
+            function_instantiate,
+            function_deploys,
         }
     }
 
@@ -510,6 +570,37 @@ impl Metrics {
         self.cache_purges
             .get_or_create(&KindLabels { kind })
             .inc_by(entries);
+    }
+
+    /// Records one function invocation: its outcome label and how long the guest ran.
+    pub fn function_call(&self, function: &str, outcome: &'static str, seconds: f64) {
+        let labels = FunctionOutcomeLabels {
+            function: function.to_owned(),
+            outcome,
+        };
+        self.function_calls.get_or_create(&labels).inc();
+        self.function_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+    }
+
+    /// Records the time one request's fresh instance took to create.
+    pub fn function_instantiated(&self, function: &str, seconds: f64) {
+        self.function_instantiate
+            .get_or_create(&FunctionLabels {
+                function: function.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// Counts a deploy or rollback (`ok` or `rejected`).
+    pub fn function_deploy(&self, function: &str, ok: bool) {
+        self.function_deploys
+            .get_or_create(&FunctionResultLabels {
+                function: function.to_owned(),
+                result: if ok { "ok" } else { "rejected" },
+            })
+            .inc();
     }
 
     /// Counts one outbox event of `route`.

@@ -34,6 +34,7 @@ pub async fn serve(
             // Everything that reads or changes state needs the token: checked once, here.
             crate::state_api::routes()
                 .merge(crate::analytics::routes())
+                .merge(crate::functions_api::routes())
                 .route_layer(axum::middleware::from_fn_with_state(
                     life.clone(),
                     require_token,

@@ -11,6 +11,7 @@
 mod admin;
 mod analytics;
 mod fleet;
+mod functions_api;
 mod purge;
 mod serve;
 mod state_api;
@@ -71,6 +72,24 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Deploy, list and roll back WebAssembly functions on the running node (through its admin
+    /// API, like `purge`).
+    Fn {
+        /// Path to the node's TOML config.
+        #[arg(
+            short,
+            long,
+            env = "OUTPOST_CONFIG",
+            default_value = "outpost.toml",
+            global = true
+        )]
+        config: PathBuf,
+        /// Admin API address (`ip:port`) instead of the config's `[admin] addr`.
+        #[arg(long, global = true)]
+        admin: Option<String>,
+        #[command(subcommand)]
+        command: FnSub,
+    },
     /// Fleet operations (through NATS, with the config's `[fleet]` settings).
     Fleet {
         #[command(subcommand)]
@@ -80,6 +99,31 @@ enum Command {
     Completions {
         /// Target shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FnSub {
+    /// Compile and validate a component, keep it as the function's next version and switch
+    /// new requests to it; an invalid component is refused and the active version stays.
+    Deploy {
+        /// Function name (a `[functions.NAME]` table of the config).
+        name: String,
+        /// The `.wasm` component.
+        file: PathBuf,
+    },
+    /// Every function's versions, hashes, sources and which one is active.
+    List {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: functions_api::ListFormat,
+    },
+    /// Switch back to VERSION, or to the newest version older than the active one.
+    Rollback {
+        /// Function name.
+        name: String,
+        /// Version number from `outpost fn list`.
+        version: Option<u32>,
     },
 }
 
@@ -123,6 +167,29 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Fn {
+            config,
+            admin,
+            command,
+        } => {
+            let cmd = match command {
+                FnSub::Deploy { name, file } => functions_api::FnCommand::Deploy { name, file },
+                FnSub::List { format } => functions_api::FnCommand::List { format },
+                FnSub::Rollback { name, version } => {
+                    functions_api::FnCommand::Rollback { name, version }
+                }
+            };
+            match functions_api::run(&config, admin, cmd) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Fleet {
             command: FleetCommand::Status { config, format },
         } => match fleet::status_command(&config, format) {

@@ -28,7 +28,14 @@ pub fn run(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let (status, text) = runtime.block_on(post(&addr, &token, body))?;
+    let (status, text) = runtime.block_on(request(
+        &addr,
+        &token,
+        http::Method::POST,
+        "/cache/purge",
+        "application/json",
+        Bytes::from(body),
+    ))?;
     if !status.is_success() {
         bail!(
             "the node at {addr} refused the purge ({status}): {}",
@@ -45,7 +52,15 @@ pub fn run(
     ))
 }
 
-async fn post(addr: &str, token: &str, body: String) -> anyhow::Result<(http::StatusCode, String)> {
+/// One call to the running node's admin API; the answer's status and text.
+pub async fn request(
+    addr: &str,
+    token: &str,
+    method: http::Method,
+    path: &str,
+    content_type: &str,
+    body: Bytes,
+) -> anyhow::Result<(http::StatusCode, String)> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot reach the admin API at {addr}; is the node running?"))?;
@@ -54,12 +69,14 @@ async fn post(addr: &str, token: &str, body: String) -> anyhow::Result<(http::St
             .await
             .context("admin API handshake failed")?;
     tokio::spawn(conn);
-    let req = http::Request::post("/cache/purge")
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header(http::header::HOST, addr)
         .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .context("cannot build the purge request")?;
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(body))
+        .context("cannot build the admin request")?;
     let resp = sender
         .send_request(req)
         .await

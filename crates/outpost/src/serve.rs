@@ -70,10 +70,45 @@ impl Lifecycle {
             );
         }
         let plan = self.server.plan(&config).await.map_err(|e| e.to_string())?;
+        // Functions first: a route may name a function the new config adds.
+        match self.node.functions() {
+            Some(f) => f.configure(&config).await.map_err(|e| e.to_string())?,
+            None => attach_functions(&self.node, &config, &self.store)
+                .await
+                .map_err(|e| format!("{e:#}"))?,
+        }
         self.node.reload(config).await.map_err(|e| e.to_string())?;
         self.server.commit(plan);
         Ok(())
     }
+}
+
+/// Opens the functions registry when the config has functions (compiling what its cache lacks)
+/// and gives it to the node.
+async fn attach_functions(
+    node: &Arc<Node>,
+    config: &Config,
+    store: &outpost_state::Store,
+) -> anyhow::Result<()> {
+    if config.functions.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let functions = outpost_functions::Functions::open(
+        config,
+        &config.base_dir.join(&config.node.data_dir),
+        store.clone(),
+        node.metrics().clone(),
+    )
+    .await
+    .context("cannot load the functions")?;
+    tracing::info!(
+        functions = config.functions.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "Functions loaded."
+    );
+    node.attach_functions(Arc::new(functions));
+    Ok(())
 }
 
 /// Loads the config, runs the node until SIGTERM/SIGINT, drains and returns.
@@ -145,6 +180,7 @@ async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         .await
         .context("cannot build the node from its config")?;
     node.attach_store(store.clone());
+    attach_functions(&node, &fleet_config, &store).await?;
     outpost_proxy::outbox::spawn_deliverer(node.clone(), store.clone(), background.clone());
     let fleet_link = fleet::start(
         &fleet_config,

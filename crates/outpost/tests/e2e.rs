@@ -11,6 +11,8 @@ mod analytics;
 mod cache;
 #[path = "e2e/fleet.rs"]
 mod fleet;
+#[path = "e2e/functions.rs"]
+mod functions;
 #[path = "e2e/guard.rs"]
 mod guard;
 #[path = "e2e/outbox.rs"]

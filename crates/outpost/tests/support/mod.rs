@@ -50,6 +50,41 @@ pub fn run_python(script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The example functions (`examples/functions/dist/*.wasm`), built from source once per test
+/// run with the project's one build command.
+pub fn guests() -> &'static Path {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = repo_root();
+        let out = Command::new(root.join("scripts/build-functions"))
+            .current_dir(&root)
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .expect("scripts/build-functions runs");
+        assert!(
+            out.status.success(),
+            "scripts/build-functions failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        root.join("examples/functions/dist")
+    })
+}
+
+/// One compiled-component cache for every test node, so the Python function compiles once
+/// per run rather than once per node.
+pub fn wasm_cache_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("outpost-wasm-cache")
+}
+
+/// `[functions.NAME]` TOML for an example guest, with extra settings.
+pub fn function_toml(name: &str, guest: &str, settings: &str) -> String {
+    format!(
+        "[functions.{name}]\ncomponent = \"{}\"\n{settings}\n",
+        guests().join(format!("{guest}.wasm")).display()
+    )
+}
+
 /// Polls `cond` until it is true or `deadline` passes (then panics with `what`).
 pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut cond: F)
 where
@@ -512,8 +547,9 @@ impl Node {
                     logs.all().join("\n")
                 );
             }
+            // Generous: a node compiles its functions (seconds, on a cold cache) before it is ready.
             assert!(
-                start.elapsed() < Duration::from_secs(20),
+                start.elapsed() < Duration::from_secs(120),
                 "outpost not ready:\n{}",
                 logs.all().join("\n")
             );

@@ -1,0 +1,425 @@
+//! WebAssembly functions end to end: the example guests built from source by
+//! `scripts/build-functions`, run by a real node in front of the real FastAPI echo origin.
+
+use std::time::{Duration, Instant};
+
+use super::support::echoed as header_of;
+
+use serde_json::Value;
+
+use super::support::*;
+
+fn wasm_head() -> String {
+    format!(
+        "[client_location]\ntrusted_proxies = [\"127.0.0.0/8\"]\n\n[wasm]\ncache_dir = \"{}\"\n",
+        wasm_cache_dir().display()
+    )
+}
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    if bytes.get(..8)? != b"\x89PNG\r\n\x1a\n" || bytes.get(12..16)? != b"IHDR" {
+        return None;
+    }
+    let w = u32::from_be_bytes(bytes.get(16..20)?.try_into().ok()?);
+    let h = u32::from_be_bytes(bytes.get(20..24)?.try_into().ok()?);
+    Some((w, h))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rust_hello_sees_the_context_the_node_sets_and_nothing_forged() {
+    let origin = Origin::echo("us-west").await;
+    let node = Node::start(
+        &NodeConfig::new()
+            .raw(&wasm_head())
+            .raw(&function_toml("hello", "hello", ""))
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("hello", "/hello", "api", "function = \"hello\""),
+    )
+    .await;
+    let r = client()
+        .get(node.url("/hello/there?x=1"))
+        .header("x-user-country", "JP")
+        // Forged context: stripped before the guest sees the request.
+        .header("x-outpost-geo-country", "KP")
+        .header("x-outpost-sub", "admin")
+        .send()
+        .await
+        .expect("hello");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-outpost-function"], "hello@1");
+    let rid = r.headers()["x-request-id"]
+        .to_str()
+        .expect("request id")
+        .to_owned();
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["path"], "/hello/there?x=1", "{v}");
+    assert_eq!(v["request_id"], rid.as_str(), "{v}");
+    assert_eq!(v["geo"]["country"], "JP", "{v}");
+    assert!(
+        v["geo"]["lat"].is_number() || v["geo"]["lat"].is_string(),
+        "{v}"
+    );
+    assert_eq!(
+        node.metric("outpost_function_invocations_total{function=\"hello\",outcome=\"ok\"}")
+            .await,
+        1.0
+    );
+    assert!(
+        node.metrics()
+            .await
+            .contains("outpost_function_instantiate_duration_seconds_count{function=\"hello\"} 1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authorize_forwards_allowed_requests_and_refuses_the_rest() {
+    let origin = Origin::echo("us-west").await;
+    let node = Node::start(
+        &NodeConfig::new()
+            .raw(&wasm_head())
+            .raw(&function_toml(
+                "authorize",
+                "authorize",
+                "config = { allowed_countries = \"JP,DE\", rate_per_minute = \"3\", origin = \"api\" }",
+            ))
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("orders", "/echo", "api", "function = \"authorize\""),
+    )
+    .await;
+    let c = client();
+    let from = |country: &'static str| {
+        c.post(node.url("/echo/orders?id=7"))
+            .header("x-user-country", country)
+            .header("x-client", "c1")
+            .body("{\"item\": 1}")
+            .send()
+    };
+    let r = from("FR").await.expect("fr");
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.expect("json");
+    assert!(v["reason"].as_str().unwrap_or("").contains("FR"), "{v}");
+
+    for _ in 0..3 {
+        let r = from("JP").await.expect("jp");
+        assert_eq!(r.status(), 200);
+        let echo: Value = r.json().await.expect("echo");
+        // The origin got the request through the node's origin stage: method, path, body,
+        // the client's headers, and the node's forwarding headers.
+        assert_eq!(echo["method"], "POST", "{echo}");
+        assert_eq!(echo["path"], "/echo/orders", "{echo}");
+        assert_eq!(header_of(&echo, "x-client"), ["c1"], "{echo}");
+        assert!(!header_of(&echo, "via").is_empty(), "{echo}");
+        assert!(
+            header_of(&echo, "x-outpost-geo-country").is_empty(),
+            "{echo}"
+        );
+    }
+    // The fourth request in the same minute is over the function's limit (kept in wasi:keyvalue).
+    let r = from("DE").await.expect("de");
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let (status, keys) = node.state("GET", "/state/kv/fn.authorize", None).await;
+    assert_eq!(status, 200, "{keys}");
+    assert!(keys.to_string().contains("rate:"), "{keys}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn image_resizer_fetches_through_the_edge_cache() {
+    let origin = Origin::echo("us-west").await;
+    let node = Node::start(
+        &NodeConfig::new()
+            .raw(&wasm_head())
+            .raw(&function_toml("resize", "resize", "memory = \"256MiB\""))
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route(
+                "images",
+                "/images",
+                "api",
+                "function = \"resize\"\n[routes.cache]\n",
+            ),
+    )
+    .await;
+    let c = client();
+    for (w, h) in [(32, 24), (10, 90), (32, 24)] {
+        let r = c
+            .get(node.url(&format!("/images/{w}x{h}/pic.png")))
+            .send()
+            .await
+            .expect("resize");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "image/png");
+        let bytes = r.bytes().await.expect("png");
+        assert_eq!(png_size(&bytes), Some((w, h)));
+    }
+    // Three resizes, one origin fetch: the function's GETs went through the cache.
+    let count: Value = client()
+        .get(format!("{}/control/count/images/pic.png", origin.url()))
+        .send()
+        .await
+        .expect("count")
+        .json()
+        .await
+        .expect("count json");
+    assert_eq!(count["n"], 1, "{count}");
+    let r = c
+        .get(node.url("/images/0x5000/pic.png"))
+        .send()
+        .await
+        .expect("bad size");
+    assert_eq!(r.status(), 400);
+    let r = c
+        .get(node.url("/images/10x10/missing.gif"))
+        .send()
+        .await
+        .expect("missing");
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_function_reads_config_and_keeps_state_in_the_store() {
+    let origin = Origin::echo("us-west").await;
+    let node = Node::start(
+        &NodeConfig::new()
+            .raw(&wasm_head())
+            .raw(&function_toml(
+                "py",
+                "python",
+                "memory = \"256MiB\"\nconfig = { greeting = \"irasshaimase\" }",
+            ))
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("py", "/py", "api", "function = \"py\""),
+    )
+    .await;
+    for n in 1..=2 {
+        let r = client()
+            .get(node.url("/py/hi"))
+            .header("x-user-country", "JP")
+            .send()
+            .await
+            .expect("py");
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["hello"], "from python", "{v}");
+        assert_eq!(v["greeting"], "irasshaimase", "{v}");
+        assert_eq!(v["country"], "JP", "{v}");
+        assert_eq!(v["visits"], n, "{v}");
+    }
+    let (status, v) = node.state("GET", "/state/kv/fn.py/visits", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(v, 2, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_guests_are_contained_with_the_right_status() {
+    let origin = Origin::echo("us-west").await;
+    let node = Node::start(
+        &NodeConfig::new()
+            .raw(&wasm_head())
+            .raw(&function_toml(
+                "hostile",
+                "hostile",
+                "timeout = \"1s\"\nmemory = \"32MiB\"",
+            ))
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("hostile", "/", "api", "function = \"hostile\""),
+    )
+    .await;
+    let c = client();
+    let get = |path: &'static str| c.get(node.url(path)).send();
+
+    let started = Instant::now();
+    let r = get("/spin").await.expect("spin");
+    assert_eq!(r.status(), 504);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let p: Value = r.json().await.expect("problem");
+    assert_eq!(p["type"], "urn:outpost:problem:function-timeout");
+
+    let r = get("/sleep").await.expect("sleep");
+    assert_eq!(
+        r.status(),
+        504,
+        "blocked in a host call, cut at the deadline"
+    );
+
+    let r = get("/oom").await.expect("oom");
+    assert_eq!(r.status(), 500);
+    let p: Value = r.json().await.expect("problem");
+    assert!(p["detail"].as_str().unwrap_or("").contains("oom"), "{p}");
+
+    let r = get("/trap").await.expect("trap");
+    assert_eq!(r.status(), 500);
+    let rid = r.headers()["x-request-id"]
+        .to_str()
+        .expect("rid")
+        .to_owned();
+    let p: Value = r.json().await.expect("problem");
+    assert_eq!(p["request_id"], rid.as_str());
+    assert!(p["detail"].as_str().unwrap_or("").contains("trap"), "{p}");
+    eventually("the trap in the log under its request id", SECS(5), || {
+        let found = node.logs.contains(&rid);
+        async move { found }
+    })
+    .await;
+
+    // Headers sent, then a body that never ends: cut off at the deadline, never a clean end.
+    for path in ["/huge", "/stall"] {
+        let started = Instant::now();
+        let r = get(path).await.expect("headers");
+        assert_eq!(r.status(), 200);
+        let body = r.bytes().await;
+        assert!(
+            body.is_err(),
+            "{path}: a cut-off body must not look complete"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{path}");
+    }
+
+    let r = get("/forbidden").await.expect("forbidden");
+    assert_eq!(r.status(), 502);
+    let text = r.text().await.expect("text");
+    assert!(text.contains("HttpRequestDenied"), "{text}");
+
+    // And the node kept serving through all of it.
+    let r = get("/ok").await.expect("ok");
+    assert_eq!(r.status(), 200);
+    for (outcome, at_least) in [("timeout", 4.0), ("oom", 1.0), ("trap", 1.0), ("ok", 2.0)] {
+        let n = node
+            .metric(&format!(
+                "outpost_function_invocations_total{{function=\"hostile\",outcome=\"{outcome}\"}}"
+            ))
+            .await;
+        assert!(n >= at_least, "{outcome}: {n}");
+    }
+}
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn fn_cli(node: &Node, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(outpost_bin())
+        .arg("fn")
+        .args(args)
+        .arg("--config")
+        .arg(&node.config_path)
+        .arg("--admin")
+        .arg(node.admin.to_string())
+        .output()
+        .expect("outpost fn runs")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_and_rollback_under_load_without_a_failed_request() {
+    let origin = Origin::echo("us-west").await;
+    let mut node = Node::start(
+        &NodeConfig::new()
+            .raw(&wasm_head())
+            .raw(&function_toml("edge", "hello", "memory = \"256MiB\""))
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("edge", "/edge", "api", "function = \"edge\""),
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let url = node.url("/edge/x");
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut failed, mut seen) =
+                (0u32, Vec::new(), std::collections::BTreeSet::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let v = r.headers()["x-outpost-function"]
+                            .to_str()
+                            .unwrap_or("")
+                            .to_owned();
+                        if r.bytes().await.is_ok() {
+                            ok += 1;
+                            seen.insert(v);
+                        } else {
+                            failed.push("body".to_owned());
+                        }
+                    }
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed, seen)
+        }));
+    }
+
+    // A broken component is refused and changes nothing.
+    let bad = node.dir.path().join("bad.wasm");
+    std::fs::write(&bad, b"\0asm\x0d\0\x01\0garbage").expect("write");
+    let out = fn_cli(&node, &["deploy", "edge", bad.to_str().expect("path")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a runnable component"), "{err}");
+
+    // v2: the Python function; new requests switch to it atomically.
+    let py = guests().join("python.wasm");
+    let out = fn_cli(&node, &["deploy", "edge", py.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("version 2 active"));
+    let c = client();
+    let r = c.get(node.url("/edge/x")).send().await.expect("v2");
+    assert_eq!(r.headers()["x-outpost-function"], "edge@2");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let out = fn_cli(&node, &["rollback", "edge"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = c.get(node.url("/edge/x")).send().await.expect("v1");
+    assert_eq!(r.headers()["x-outpost-function"], "edge@1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = fn_cli(&node, &["rollback", "edge", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    for t in load {
+        let (ok, failed, s) = t.await.expect("load task");
+        assert!(
+            failed.is_empty(),
+            "failed requests during deploys: {failed:?}"
+        );
+        total += ok;
+        seen.extend(s);
+    }
+    assert!(total > 20, "{total}");
+    assert!(
+        seen.contains("edge@1") && seen.contains("edge@2"),
+        "{seen:?}"
+    );
+
+    let out = fn_cli(&node, &["list"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        table.contains("edge") && table.lines().count() == 3,
+        "{table}"
+    );
+
+    // The choice survives a restart (and nothing is compiled again: the cache has both).
+    node.crash_and_restart().await;
+    let r = c
+        .get(node.url("/edge/x"))
+        .send()
+        .await
+        .expect("after restart");
+    assert_eq!(r.headers()["x-outpost-function"], "edge@2");
+    assert!(node.logs.contains("\"cached\":true"));
+}
