@@ -164,7 +164,7 @@ fn check_functions(c: &mut Checker, config: &Config) {
         if !full.is_file() {
             c.report(
                 path(&[&"functions", name, &"component"]),
-                format!("component file {} does not exist", full.display()),
+                format!("component file {} does not exist", f.component.display()),
                 "file not found",
                 Some(
                     "paths are relative to the config file's directory; the examples are built \

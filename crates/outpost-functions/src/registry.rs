@@ -529,3 +529,94 @@ impl Functions {
         write_durable(&path, &bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path, component: &[u8]) -> outpost_config::Config {
+        std::fs::write(dir.join("f.wasm"), component).expect("write component");
+        let src = r#"
+version = 1
+[node]
+id = "t"
+location = { lat = 0.0, lon = 0.0 }
+[[listeners]]
+addr = "127.0.0.1:0"
+[functions.f]
+component = "f.wasm"
+[origins.api]
+[[origins.api.endpoints]]
+url = "http://127.0.0.1:9"
+region = "r"
+location = { lat = 0.0, lon = 0.0 }
+[[routes]]
+name = "f"
+origin = "api"
+function = "f"
+"#;
+        outpost_config::Config::parse(src, "t.toml", dir).expect("valid config")
+    }
+
+    async fn open(dir: &Path, component: &[u8]) -> Result<Functions, FunctionError> {
+        let store = outpost_state::Store::open(outpost_state::StoreOptions::new(dir.join("data")))
+            .expect("store");
+        Functions::open(
+            &config(dir, component),
+            &dir.join("data"),
+            store,
+            outpost_telemetry::metrics::Metrics::new("test"),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn what_is_not_a_component_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A valid, empty core module: WebAssembly, but not a component.
+        let Err(e) = open(dir.path(), b"\0asm\x01\0\0\0").await else {
+            panic!("a core module must be refused");
+        };
+        let msg = e.to_string();
+        assert!(matches!(e, FunctionError::Invalid { .. }), "{msg}");
+        assert!(
+            msg.contains("wasm32-wasip2") && msg.contains("componentize-py"),
+            "{msg}"
+        );
+        let Err(e) = open(dir.path(), b"not wasm at all").await else {
+            panic!("garbage must be refused");
+        };
+        assert!(matches!(e, FunctionError::Invalid { .. }), "{e}");
+        // Nothing was recorded for a component that never ran.
+        assert!(!dir.path().join("data/functions/manifest.json").exists());
+    }
+
+    #[test]
+    fn manifest_writes_replace_the_file_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("manifest.json");
+        write_durable(&path, b"{\"functions\":{}}").expect("first");
+        write_durable(
+            &path,
+            b"{\"functions\":{\"a\":{\"active\":1,\"versions\":[]}}}",
+        )
+        .expect("second");
+        let m: Manifest =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
+        assert_eq!(m.functions["a"].active, 1);
+        assert!(!path.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn outcomes_have_stable_metric_labels() {
+        for (o, label) in [
+            (Outcome::Ok, "ok"),
+            (Outcome::Trap, "trap"),
+            (Outcome::Timeout, "timeout"),
+            (Outcome::Oom, "oom"),
+            (Outcome::Unavailable, "unavailable"),
+        ] {
+            assert_eq!(o.as_str(), label);
+        }
+    }
+}

@@ -909,3 +909,49 @@ async fn origins_configured_for_h2_get_http2() {
         assert_eq!(r.text().await.expect("body"), "HTTP/2.0 /h2/check");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fixed_response_routes_answer_without_the_origin() {
+    let origin = Origin::echo("us-west").await;
+    let node = Node::start(
+        &NodeConfig::new()
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route(
+                "down",
+                "/maintenance",
+                "api",
+                "[routes.respond]\nstatus = 503\nbody = \"{\\\"back\\\": \\\"soon\\\"}\"\ncontent_type = \"application/json\"",
+            ),
+    )
+    .await;
+    let before: Value = client()
+        .get(format!("{}/control/hits", origin.url()))
+        .send()
+        .await
+        .expect("hits")
+        .json()
+        .await
+        .expect("hits json");
+    let r = client()
+        .get(node.url("/maintenance/page"))
+        .send()
+        .await
+        .expect("fixed");
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert!(r.headers().contains_key("x-request-id"));
+    assert_eq!(r.text().await.expect("body"), "{\"back\": \"soon\"}");
+    let after: Value = client()
+        .get(format!("{}/control/hits", origin.url()))
+        .send()
+        .await
+        .expect("hits")
+        .json()
+        .await
+        .expect("hits json");
+    // Only the two /control/hits calls themselves (and health checks, if any) reached it.
+    assert_eq!(
+        after["total"].as_u64().unwrap_or(0) - after["healthz"].as_u64().unwrap_or(0),
+        before["total"].as_u64().unwrap_or(0) - before["healthz"].as_u64().unwrap_or(0) + 1
+    );
+}
