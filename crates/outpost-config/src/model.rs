@@ -514,6 +514,10 @@ pub struct ClientLocation {
     /// Header carrying the client's ISO 3166-1 alpha-2 country (trusted peers only).
     #[serde(default = "default_country_header")]
     pub country_header: String,
+    /// Header carrying the client's region (ISO 3166-2 subdivision such as `JP-13`, or the CDN's
+    /// region name; trusted peers only), passed to functions.
+    #[serde(default = "default_region_header")]
+    pub region_header: String,
     /// Known networks and where they are, for clients that come without trusted headers.
     #[serde(default)]
     pub networks: Vec<Network>,
@@ -526,6 +530,7 @@ impl Default for ClientLocation {
             lat_header: default_lat_header(),
             lon_header: default_lon_header(),
             country_header: default_country_header(),
+            region_header: default_region_header(),
             networks: Vec::new(),
         }
     }
@@ -1095,6 +1100,9 @@ fn default_lon_header() -> String {
 }
 fn default_country_header() -> String {
     "x-user-country".to_owned()
+}
+fn default_region_header() -> String {
+    "x-user-region".to_owned()
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)

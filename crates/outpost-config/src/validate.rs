@@ -694,6 +694,7 @@ fn check_client_location(c: &mut Checker, config: &Config) {
         ("lat_header", &cl.lat_header),
         ("lon_header", &cl.lon_header),
         ("country_header", &cl.country_header),
+        ("region_header", &cl.region_header),
     ] {
         if http::HeaderName::from_bytes(value.as_bytes()).is_err() {
             c.report(

@@ -63,6 +63,9 @@ pub(crate) async fn run(
     if let Some(c) = &loc.country {
         set(&mut headers, fh::GEO_COUNTRY, c);
     }
+    if let Some(r) = &loc.region {
+        set(&mut headers, fh::GEO_REGION, r);
+    }
     set(&mut headers, fh::GEO_LAT, &format!("{:.4}", loc.point.lat));
     set(&mut headers, fh::GEO_LON, &format!("{:.4}", loc.point.lon));
     if let Some(p) = principal {

@@ -74,6 +74,8 @@ pub struct Location {
     pub country: Option<String>,
     /// Where the point came from.
     pub source: LocationSource,
+    /// Region (subdivision) of the client, when a trusted header told it.
+    pub region: Option<String>,
 }
 
 /// Great-circle distance in kilometres (haversine on a spherical Earth; good to ~0.5 %).
@@ -93,6 +95,7 @@ pub struct Locator {
     lat_header: HeaderName,
     lon_header: HeaderName,
     country_header: HeaderName,
+    region_header: HeaderName,
     /// Most specific first, so the first containing block wins.
     networks: Vec<(IpNet, GeoPoint, Option<String>)>,
     node: GeoPoint,
@@ -116,6 +119,7 @@ impl Locator {
             lat_header: header(&cfg.lat_header, "x-user-lat"),
             lon_header: header(&cfg.lon_header, "x-user-lon"),
             country_header: header(&cfg.country_header, "x-user-country"),
+            region_header: header(&cfg.region_header, "x-user-region"),
             networks,
             node,
         }
@@ -128,8 +132,13 @@ impl Locator {
     }
 
     /// The headers this locator reads, so untrusted copies can be stripped before forwarding.
-    pub fn location_headers(&self) -> [&HeaderName; 3] {
-        [&self.lat_header, &self.lon_header, &self.country_header]
+    pub fn location_headers(&self) -> [&HeaderName; 4] {
+        [
+            &self.lat_header,
+            &self.lon_header,
+            &self.country_header,
+            &self.region_header,
+        ]
     }
 
     /// The client's IP: the peer, or — when the peer is trusted — the rightmost address in
@@ -160,6 +169,24 @@ impl Locator {
 
     /// Locates a client, trying the sources in order.
     pub fn locate(&self, client_ip: IpAddr, peer_trusted: bool, headers: &HeaderMap) -> Location {
+        let mut location = self.locate_point(client_ip, peer_trusted, headers);
+        if peer_trusted {
+            location.region = headers
+                .get(&self.region_header)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|r| {
+                    !r.is_empty()
+                        && r.len() <= 64
+                        && r.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                })
+                .map(str::to_owned);
+        }
+        location
+    }
+
+    fn locate_point(&self, client_ip: IpAddr, peer_trusted: bool, headers: &HeaderMap) -> Location {
         if peer_trusted {
             let coord = |h: &HeaderName| {
                 headers
@@ -182,6 +209,7 @@ impl Locator {
                     point: GeoPoint { lat, lon },
                     country,
                     source: LocationSource::Coordinates,
+                    region: None,
                 };
             }
             if let Some(code) = country
@@ -191,6 +219,7 @@ impl Locator {
                     point,
                     country: Some(code),
                     source: LocationSource::Country,
+                    region: None,
                 };
             }
         }
@@ -200,12 +229,14 @@ impl Locator {
                 point: *point,
                 country: country.clone(),
                 source: LocationSource::Network,
+                region: None,
             };
         }
         Location {
             point: self.node,
             country: None,
             source: LocationSource::Node,
+            region: None,
         }
     }
 }

@@ -40,6 +40,7 @@ async fn rust_hello_sees_the_context_the_node_sets_and_nothing_forged() {
     let r = client()
         .get(node.url("/hello/there?x=1"))
         .header("x-user-country", "JP")
+        .header("x-user-region", "JP-13")
         // Forged context: stripped before the guest sees the request.
         .header("x-outpost-geo-country", "KP")
         .header("x-outpost-sub", "admin")
@@ -56,6 +57,7 @@ async fn rust_hello_sees_the_context_the_node_sets_and_nothing_forged() {
     assert_eq!(v["path"], "/hello/there?x=1", "{v}");
     assert_eq!(v["request_id"], rid.as_str(), "{v}");
     assert_eq!(v["geo"]["country"], "JP", "{v}");
+    assert_eq!(v["geo"]["region"], "JP-13", "{v}");
     assert!(
         v["geo"]["lat"].is_number() || v["geo"]["lat"].is_string(),
         "{v}"
