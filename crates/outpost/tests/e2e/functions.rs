@@ -282,6 +282,16 @@ async fn hostile_guests_are_contained_with_the_right_status() {
     let text = r.text().await.expect("text");
     assert!(text.contains("HttpRequestDenied"), "{text}");
 
+    // No files, no environment, no sockets: the guest asks for each and reports.
+    let r = get("/escape").await.expect("escape");
+    assert_eq!(r.status(), 200);
+    let report = r.text().await.expect("report");
+    for reached in ["OPEN", "CONNECTED", "BOUND"] {
+        assert!(!report.contains(reached), "{report}");
+    }
+    assert!(report.contains("env: 0 variables"), "{report}");
+    assert!(report.contains("args: 0"), "{report}");
+
     // And the node kept serving through all of it.
     let r = get("/ok").await.expect("ok");
     assert_eq!(r.status(), 200);

@@ -434,3 +434,60 @@ async fn https_origins_with_a_private_ca_and_mutual_tls() {
         assert_eq!(r.status(), 502, "{route}: the handshake must fail");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_sees_the_verified_identity_and_the_origin_gets_it_signed() {
+    let origin = Origin::echo("us-west").await;
+    let auth = format!(
+        "function = \"authorize\"\nforward_identity = true\n[routes.auth]\nalgorithms = [\"EdDSA\"]\nkey_files = [\"{}\"]\nforward_claims = [\"scope\"]\n",
+        test_key("ed.pub").display()
+    );
+    let node = Node::start(
+        &NodeConfig::new()
+            .raw(&format!(
+                "[wasm]\ncache_dir = \"{}\"\n",
+                wasm_cache_dir().display()
+            ))
+            .raw(&function_toml(
+                "authorize",
+                "authorize",
+                "config = { required_scope = \"orders:read\", rate_per_minute = \"100\" }",
+            ))
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("orders", "/echo", "api", &auth),
+    )
+    .await;
+    let c = client();
+    let call = |scope: &str| {
+        let t = token(json!({"sub": "u-42", "scope": scope, "exp": now() + 600}));
+        c.get(node.url("/echo/orders"))
+            .bearer_auth(t)
+            // Forged: the function must see the node's values, not these.
+            .header("x-outpost-sub", "admin")
+            .header("x-outpost-claims", "{\"scope\": \"orders:read\"}")
+            .send()
+    };
+    let r = call("profile").await.expect("wrong scope");
+    assert_eq!(r.status(), 403, "the function read the verified claims");
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["reason"].as_str().unwrap_or("").contains("orders:read"),
+        "{v}"
+    );
+
+    let r = call("orders:read orders:write").await.expect("right scope");
+    assert_eq!(r.status(), 200);
+    let echo: Value = r.json().await.expect("echo");
+    assert_eq!(seen(&echo, "x-outpost-identity").len(), 1, "{echo}");
+    assert!(seen(&echo, "x-outpost-sub").is_empty(), "{echo}");
+    assert!(seen(&echo, "x-outpost-claims").is_empty(), "{echo}");
+
+    // No token: the guard refuses before the function runs.
+    let r = c.get(node.url("/echo/orders")).send().await.expect("anon");
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        node.metric("outpost_function_invocations_total{function=\"authorize\",outcome=\"ok\"}")
+            .await,
+        2.0
+    );
+}

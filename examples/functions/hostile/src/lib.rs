@@ -9,6 +9,7 @@
 //! | `/stall`     | 200 headers, writes `partial`, flushes, then spins forever            |
 //! | `/sleep`     | blocks in a host call (monotonic-clock subscribe-duration, 1 hour)    |
 //! | `/forbidden` | outgoing GET `http://example.com/` → 502 `denied: <error code>`       |
+//! | `/escape`    | tries files, environment, arguments and sockets; reports what worked  |
 //! | `/ok`        | 200 `ok`                                                              |
 //!
 //! Anything else → 404.
@@ -93,6 +94,27 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
                     Ok(_) => text(out, 200, "reached"),
                     Err(code) => text(out, 502, &format!("denied: {code:?}")),
                 }
+            }
+            "/escape" => {
+                // Everything a guest might try to reach outside its sandbox; each line says
+                // what happened. The host grants none of it.
+                let mut report = String::new();
+                for path in ["/etc/passwd", "/", ".", "/proc/self/environ"] {
+                    let r = std::fs::read_dir(path)
+                        .map(|_| "listed".to_owned())
+                        .or_else(|_| std::fs::read(path).map(|b| format!("read {} bytes", b.len())));
+                    report.push_str(&format!("file {path}: {}\n", r.map_or_else(|e| format!("denied ({e})"), |ok| format!("OPEN {ok}"))));
+                }
+                let vars: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+                report.push_str(&format!("env: {} variables {vars:?}\n", vars.len()));
+                report.push_str(&format!("args: {}\n", std::env::args().count()));
+                for addr in ["127.0.0.1:22", "1.1.1.1:80"] {
+                    let r = std::net::TcpStream::connect(addr);
+                    report.push_str(&format!("tcp {addr}: {}\n", r.map_or_else(|e| format!("denied ({e})"), |_| "CONNECTED".to_owned())));
+                }
+                let r = std::net::UdpSocket::bind("0.0.0.0:0");
+                report.push_str(&format!("udp bind: {}\n", r.map_or_else(|e| format!("denied ({e})"), |_| "BOUND".to_owned())));
+                text(out, 200, &report)
             }
             "/ok" => text(out, 200, "ok"),
             _ => text(out, 404, "unknown hostile path"),
