@@ -937,30 +937,15 @@ pub(crate) async fn send_to_origin(
     let attempts = candidates.len().min(2);
     // Bodiless requests (most GETs) need neither the limit flag nor the replay machinery; a
     // body is made replayable only when a second endpoint could receive it.
-    let mut exceeded = None;
-    let mut source = match body {
-        OutgoingBody::Buffered(bytes) => BodySource::Buffered(bytes),
+    let (mut source, exceeded) = match body {
+        OutgoingBody::Buffered(bytes) => (BodySource::Buffered(bytes), None),
         OutgoingBody::Stream(body) if !body.is_end_stream() => {
-            let flag = Arc::new(AtomicBool::new(false));
-            let limited = boxed(LimitedBody::new(body, route.max_body, flag.clone()));
-            exceeded = Some(flag);
-            if attempts > 1 {
-                BodySource::Replay(ReplayableBody::new(limited))
-            } else {
-                BodySource::Once(Some(limited))
-            }
+            BodySource::limited(body, route.max_body, attempts)
         }
         OutgoingBody::Boxed(body) if !body.is_end_stream() => {
-            let flag = Arc::new(AtomicBool::new(false));
-            let limited = boxed(LimitedBody::new(body, route.max_body, flag.clone()));
-            exceeded = Some(flag);
-            if attempts > 1 {
-                BodySource::Replay(ReplayableBody::new(limited))
-            } else {
-                BodySource::Once(Some(limited))
-            }
+            BodySource::limited(body, route.max_body, attempts)
         }
-        _ => BodySource::Empty,
+        _ => (BodySource::Empty, None),
     };
     let mut headers = Some(headers);
     let mut last_error = None;
@@ -1072,6 +1057,23 @@ enum BodySource {
 }
 
 impl BodySource {
+    /// A streamed body held to `limit` bytes (the flag says whether it went over), replayable
+    /// when a second endpoint could receive it.
+    fn limited<B>(body: B, limit: u64, attempts: usize) -> (BodySource, Option<Arc<AtomicBool>>)
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<crate::body::BoxError>,
+    {
+        let flag = Arc::new(AtomicBool::new(false));
+        let limited = boxed(LimitedBody::new(body, limit, flag.clone()));
+        let source = if attempts > 1 {
+            BodySource::Replay(ReplayableBody::new(limited))
+        } else {
+            BodySource::Once(Some(limited))
+        };
+        (source, Some(flag))
+    }
+
     fn attempt(&mut self) -> ProxyBody {
         match self {
             BodySource::Empty => empty(),
