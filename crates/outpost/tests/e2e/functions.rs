@@ -435,3 +435,18 @@ async fn deploy_and_rollback_under_load_without_a_failed_request() {
     assert_eq!(r.headers()["x-outpost-function"], "edge@2");
     assert!(node.logs.contains("\"cached\":true"));
 }
+
+#[test]
+fn the_functions_example_config_is_valid() {
+    guests();
+    let out = std::process::Command::new(outpost_bin())
+        .args(["check", "--config"])
+        .arg(repo_root().join("examples/functions/outpost.toml"))
+        .output()
+        .expect("outpost check runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
