@@ -194,8 +194,17 @@ impl Deployed {
             let _ = done_tx.send((outcome, detail));
         });
         let abort = task.abort_handle();
+        // The client may leave before the head: hyper drops this future, and the guest must
+        // stop then rather than run to its deadline (counted as cancelled, not as a trap).
+        let mut cancel = CancelOnDrop {
+            abort: abort.clone(),
+            cell: cell.clone(),
+            armed: true,
+        };
+        let head = tokio::time::timeout_at(deadline, rx).await;
+        cancel.armed = false;
 
-        match tokio::time::timeout_at(deadline, rx).await {
+        match head {
             Ok(Ok(Ok(resp))) => Served::Response(resp.map(|body| {
                 GuardedBody {
                     inner: body,
@@ -237,6 +246,32 @@ impl Deployed {
             }
         }
     }
+}
+
+/// Stops the guest and records `cancelled` when dropped while armed.
+struct CancelOnDrop {
+    abort: tokio::task::AbortHandle,
+    cell: Arc<AtomicU8>,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            cancel(&self.cell, &self.abort);
+        }
+    }
+}
+
+/// Marks an unfinished invocation as cancelled (unless it already has an outcome) and stops it.
+fn cancel(cell: &AtomicU8, abort: &tokio::task::AbortHandle) {
+    let _ = cell.compare_exchange(
+        Outcome::Timeout as u8,
+        Outcome::Cancelled as u8,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    abort.abort();
 }
 
 /// The guest's streamed response body, cut off at the deadline. The body channel also ends
@@ -320,13 +355,7 @@ impl Drop for GuardedBody {
     fn drop(&mut self) {
         if self.done.is_some() && !self.abort.is_finished() {
             // The client left before the guest finished: stop it now rather than at the deadline.
-            let _ = self.cell.compare_exchange(
-                Outcome::Timeout as u8,
-                Outcome::Cancelled as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
-            self.abort.abort();
+            cancel(&self.cell, &self.abort);
         }
     }
 }

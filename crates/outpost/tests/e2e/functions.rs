@@ -292,6 +292,26 @@ async fn hostile_guests_are_contained_with_the_right_status() {
     assert!(report.contains("env: 0 variables"), "{report}");
     assert!(report.contains("args: 0"), "{report}");
 
+    // A client that leaves before the head stops the guest: counted as cancelled, not a trap.
+    let gone = c
+        .get(node.url("/spin"))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(gone.is_err());
+    eventually(
+        "the abandoned invocation counted as cancelled",
+        SECS(5),
+        || async {
+            node.metric(
+                "outpost_function_invocations_total{function=\"hostile\",outcome=\"cancelled\"}",
+            )
+            .await
+                == 1.0
+        },
+    )
+    .await;
+
     // And the node kept serving through all of it.
     let r = get("/ok").await.expect("ok");
     assert_eq!(r.status(), 200);
