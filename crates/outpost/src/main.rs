@@ -157,16 +157,7 @@ fn main() -> ExitCode {
             tag,
             soft,
             admin,
-        } => match purge::run(&config, admin, url, prefix, tag, soft) {
-            Ok(msg) => {
-                println!("{msg}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        } => report(purge::run(&config, admin, url, prefix, tag, soft).map(|m| m + "\n")),
         Command::Fn {
             config,
             admin,
@@ -179,37 +170,27 @@ fn main() -> ExitCode {
                     functions_api::FnCommand::Rollback { name, version }
                 }
             };
-            match functions_api::run(&config, admin, cmd) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    let _ = writeln!(std::io::stderr(), "error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            report(functions_api::run(&config, admin, cmd))
         }
         Command::Fleet {
             command: FleetCommand::Status { config, format },
-        } => match fleet::status_command(&config, format) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Serve { config } => match serve::run(&config) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                // Diagnostics are already formatted; other errors get their cause chain.
-                let _ = writeln!(std::io::stderr(), "error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        } => report(fleet::status_command(&config, format)),
+        // Diagnostics are already formatted; other errors get their cause chain.
+        Command::Serve { config } => report(serve::run(&config).map(|()| String::new())),
+    }
+}
+
+/// Prints a command's output, or its error with the cause chain; the exit status says which.
+fn report(result: anyhow::Result<String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
