@@ -408,7 +408,6 @@ async fn invalidations_from_the_center_purge_every_node() {
         "import asyncio\nfrom outpost_fastapi import Invalidator\nasync def m():\n    async with await Invalidator.connect('{}', source='center') as inv:\n        print(await inv.purge(tags=['product-42']))\nasyncio.run(m())\n",
         hub.url()
     );
-    let started = Instant::now();
     run_python(&script);
     for n in &nodes {
         eventually("the tag purge reached the node", SECS(5), || async {
@@ -432,9 +431,11 @@ async fn invalidations_from_the_center_purge_every_node() {
         .filter_map(|v| v["propagation_ms"].as_f64())
         .collect();
     assert_eq!(lags.len(), 3, "one purge per node");
+    // Measured by each node from the center's publish timestamp (the Python client's start-up
+    // is not part of it); generous, so that a loaded CI machine does not fail it.
     assert!(
-        started.elapsed() < SECS(5),
-        "purged everywhere within the deadline"
+        lags.iter().all(|ms| *ms < 5_000.0),
+        "purged everywhere within the deadline: {lags:?} ms"
     );
     eprintln!(
         "FIGURE invalidation propagation center -> node (publish timestamp to purge applied): {lags:?} ms"
