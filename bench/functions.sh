@@ -112,47 +112,11 @@ taskset -c "$BENCH_SERVER_CPU,$BENCH_CLIENT_CPU" true 2>/dev/null ||
     bench_die "cores $BENCH_SERVER_CPU and $BENCH_CLIENT_CPU are not both usable here (taskset)"
 TOKEN=bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
 AUTH=(-H "Authorization: Bearer $TOKEN")
-check_failures=()
-check_fail() {
-    bench_log "CHECK FAILED: $*"
-    check_failures+=("$*")
-}
 
 # --- the disk ----------------------------------------------------------------------------
-fs_type=$(df --output=fstype "$BENCH_TMP" | tail -n 1)
-fs_source=$(df --output=source "$BENCH_TMP" | tail -n 1)
-case $fs_type in
-    tmpfs | ramfs) bench_die "the temp dir $BENCH_TMP is on $fs_type: the python guest's durable writes would cost nothing; set BENCH_DATA_PARENT to a directory on a disk" ;;
-esac
-# The block device of the data dir, for its flush count (/proc/diskstats field 19, kernel >= 5.5),
-# as in state.sh.
-disk_name=""
-dev_id=$(stat -c '%Hd:%Ld' "$BENCH_TMP" 2>/dev/null) || dev_id=""
-if [[ -n $dev_id && -e /sys/dev/block/$dev_id ]]; then
-    sys=$(readlink -f "/sys/dev/block/$dev_id")
-    [[ -e $sys/partition ]] && sys=$(dirname "$sys")
-    disk_name=$(basename "$sys")
-    awk -v d="$disk_name" '$3 == d && NF >= 20 { found = 1 } END { exit !found }' /proc/diskstats || disk_name=""
-fi
-disk_flushes() {
-    if [[ -z $disk_name ]]; then echo 0; else awk -v d="$disk_name" '$3 == d { print $19; exit }' /proc/diskstats; fi
-}
-fsync_probe=$(python3 - "$BENCH_TMP/fsync-probe" <<'EOF' 2>/dev/null || echo "n/a"
-import os, sys, time
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)
-times = []
-for i in range(200):
-    os.pwrite(fd, os.urandom(4096), 0)
-    t = time.perf_counter()
-    os.fdatasync(fd)
-    times.append(time.perf_counter() - t)
-os.close(fd)
-os.unlink(sys.argv[1])
-times.sort()
-print(f"{times[100] * 1e6:.0f} µs (p90 {times[180] * 1e6:.0f} µs)")
-EOF
-)
-bench_log "data dir parent $BENCH_TMP: $fs_type on $fs_source${disk_name:+ (disk $disk_name)}; 4 KiB write + fdatasync: median $fsync_probe"
+bench_data_disk "the python guest's durable writes would cost nothing"
+fs_type=$BENCH_FS_TYPE fs_source=$BENCH_FS_SOURCE disk_name=$BENCH_DISK_NAME
+write_cache=$BENCH_WRITE_CACHE fsync_probe=$BENCH_FSYNC_PROBE
 
 # --- build -------------------------------------------------------------------------------
 if has_target hello || has_target python; then
@@ -186,11 +150,6 @@ bench_log "pinning: server on core $BENCH_SERVER_CPU, wrk on core $BENCH_CLIENT_
 [[ -n $outpost_bin ]] && bench_log "outpost: $outpost_bin ($(stat -c '%y' "$outpost_bin" | cut -d. -f1))"
 
 # --- helpers -----------------------------------------------------------------------------
-check_pinned() {
-    local name=$1 pid=$2 aff
-    aff=$(taskset -cp "$pid" 2>/dev/null | awk -F': ' '{ print $2 }')
-    [[ $aff == "$BENCH_SERVER_CPU" ]] || check_fail "$name (pid $pid) runs on cores '$aff', not on core $BENCH_SERVER_CPU alone"
-}
 
 # fetch URL [CURL ARGS...]: GET URL; headers to $BENCH_TMP/check.h, body to check.b; prints the
 # status.
@@ -318,11 +277,11 @@ hook_pre() {
         m0=$(fn_metrics "$cur_target") || m0=""
         if [[ $cur_target == python ]]; then visits0=$(python_visits) || visits0=""; fi
     fi
-    flush0=$(disk_flushes)
+    flush0=$(bench_disk_flushes)
 }
 hook_post() {
     local flush1 m1 key=$cur_target/$BENCH_CONNECTIONS lo hi
-    flush1=$(disk_flushes)
+    flush1=$(bench_disk_flushes)
     r_flush[$key]=$(awk -v f="$((flush1 - flush0))" -v r="$BENCH_WRK_REQUESTS" 'BEGIN { printf "%.3f", (r > 0) ? f / r : 0 }')
     BENCH_POST_RUN_JSON="\"disk_flushes\":$([[ -n $disk_name ]] && echo $((flush1 - flush0)) || echo null)"
     is_function "$cur_target" || return 0
@@ -345,27 +304,27 @@ hook_post() {
         r_cancel[$key]="$((ca1 - ca0))/$((tr1 - tr0))"
         BENCH_POST_RUN_JSON+=",\"invocations_ok\":$((ok1 - ok0)),\"invocations_cancelled\":$((ca1 - ca0)),\"invocations_trap\":$((tr1 - tr0)),\"invocations_failed\":$((oth1 - oth0)),\"instantiate_mean_us\":$(bench_json_num "${r_imean[$key]}"),\"function_mean_us\":$(bench_json_num "${r_dmean[$key]}")"
         if ((ok1 - ok0 < lo || ok1 - ok0 > hi)); then
-            check_fail "$cur_target c$BENCH_CONNECTIONS: $((ok1 - ok0)) ok invocations for $BENCH_WRK_REQUESTS answered requests (expected $lo..$hi)"
+            bench_check_fail "$cur_target c$BENCH_CONNECTIONS: $((ok1 - ok0)) ok invocations for $BENCH_WRK_REQUESTS answered requests (expected $lo..$hi)"
         fi
-        ((oth1 - oth0 == 0)) || check_fail "$cur_target c$BENCH_CONNECTIONS: $((oth1 - oth0)) invocations failed (timeout, oom, unavailable or bad_request)"
+        ((oth1 - oth0 == 0)) || bench_check_fail "$cur_target c$BENCH_CONNECTIONS: $((oth1 - oth0)) invocations failed (timeout, oom, unavailable or bad_request)"
         # A trap during the run answers 500, which the non-2xx check catches; traps without a
         # 500 are requests whose client left before the head (see fn_metrics).
         ((ca1 - ca0 + tr1 - tr0 <= 2 * BENCH_CONNECTIONS)) ||
-            check_fail "$cur_target c$BENCH_CONNECTIONS: $((ca1 - ca0)) invocations cancelled and $((tr1 - tr0)) trapped (expected at most the $((2 * BENCH_CONNECTIONS)) wrk leaves in flight)"
+            bench_check_fail "$cur_target c$BENCH_CONNECTIONS: $((ca1 - ca0)) invocations cancelled and $((tr1 - tr0)) trapped (expected at most the $((2 * BENCH_CONNECTIONS)) wrk leaves in flight)"
     else
-        check_fail "$cur_target c$BENCH_CONNECTIONS: could not read the function metrics around the run"
+        bench_check_fail "$cur_target c$BENCH_CONNECTIONS: could not read the function metrics around the run"
     fi
     if [[ $cur_target == python ]]; then
         local visits1
         if [[ -n $visits0 ]] && visits1=$(python_visits); then
             BENCH_POST_RUN_JSON+=",\"visits_delta\":$((visits1 - visits0))"
             if ((visits1 - visits0 < lo || visits1 - visits0 > hi)); then
-                check_fail "python c$BENCH_CONNECTIONS: visits grew by $((visits1 - visits0)) for $BENCH_WRK_REQUESTS answered requests (expected $lo..$hi)"
+                bench_check_fail "python c$BENCH_CONNECTIONS: visits grew by $((visits1 - visits0)) for $BENCH_WRK_REQUESTS answered requests (expected $lo..$hi)"
             else
                 bench_log "python: visits +$((visits1 - visits0)) for $BENCH_WRK_REQUESTS answered requests (ok)"
             fi
         else
-            check_fail "python c$BENCH_CONNECTIONS: could not read the visits counter around the run"
+            bench_check_fail "python c$BENCH_CONNECTIONS: could not read the visits counter around the run"
         fi
     fi
 }
@@ -398,7 +357,7 @@ measure() {
         if bench_measure "$t" "$url" "$@"; then
             record_row "$key"
             if ((BENCH_WRK_ERRORS > 0 || BENCH_WRK_NON2XX > 0)); then
-                check_fail "$t c$c: ${BENCH_WRK_ERRORS} socket errors, ${BENCH_WRK_NON2XX} non-2xx responses"
+                bench_check_fail "$t c$c: ${BENCH_WRK_ERRORS} socket errors, ${BENCH_WRK_NON2XX} non-2xx responses"
             fi
         else
             r_skip[$key]="the measured run failed"
@@ -407,7 +366,7 @@ measure() {
             if [[ -e $f ]]; then mv "$f" "${f%.txt}-c$c.txt"; fi
         done
         if ! kill -0 "$1" 2>/dev/null || bench_is_zombie "$1"; then
-            check_fail "$t: the server exited during the c$c run"
+            bench_check_fail "$t: the server exited during the c$c run"
             return 1
         fi
     done
@@ -445,7 +404,7 @@ EOF
         return 0
     fi
     if ! check_answer nginx "http://127.0.0.1:$port${PATH_OF[nginx]}"; then
-        check_fail "nginx: $skip_reason"
+        bench_check_fail "nginx: $skip_reason"
         skip_target nginx "$skip_reason"
         bench_stop "$pid"
         return 0
@@ -453,7 +412,7 @@ EOF
     body_bytes[nginx]=$answer_bytes
     mapfile -t workers < <(bench_children "$pid")
     ((${#workers[@]} == 1)) || { skip_target nginx "expected 1 nginx worker, found ${#workers[@]}"; bench_stop "$pid"; return 0; }
-    check_pinned nginx "${workers[0]}"
+    bench_check_pinned nginx "${workers[0]}"
     measure nginx "http://127.0.0.1:$port${PATH_OF[nginx]}" "$pid" "${workers[@]}" || true
     bench_stop "$pid"
 }
@@ -550,16 +509,16 @@ EOF
         kill -0 "$pid" 2>/dev/null && ! bench_is_zombie "$pid" || wait "$pid" || status=$?
         bench_log_tail outpost
         for t in "${mine[@]}"; do skip_target "$t" "outpost serve not ready on /readyz within ${BENCH_READY_TIMEOUT}s (exit status $status if it exited)"; done
-        check_fail "outpost did not start"
+        bench_check_fail "outpost did not start"
         return 0
     fi
     bench_log "outpost: ready in $((SECONDS - start)) s; $(grep -o '"message":"Function ready.","function":"[a-z]*","version":[0-9]*,"cached":[a-z]*' "$BENCH_TMP/outpost.log" |
         sed 's/.*"function":"\([a-z]*\)","version":\([0-9]*\),"cached":\([a-z]*\)/\1@\2 (compiled form from the cache: \3)/' | paste -sd, - | sed 's/,/, /g')"
-    check_pinned outpost "$pid"
+    bench_check_pinned outpost "$pid"
     local base="http://127.0.0.1:$port"
     for t in "${mine[@]}"; do
         if ! check_answer "$t" "$base${PATH_OF[$t]}"; then
-            check_fail "$t: $skip_reason"
+            bench_check_fail "$t: $skip_reason"
             skip_target "$t" "$skip_reason"
             continue
         fi
@@ -569,17 +528,17 @@ EOF
             if check_answer python "$base${PATH_OF[python]}"; then
                 v2=${answer_check#ok }
                 if ((v2 != v1 + 1)); then
-                    check_fail "python: visits $v1 then $v2 on two requests (expected +1)"
+                    bench_check_fail "python: visits $v1 then $v2 on two requests (expected +1)"
                 fi
             else
-                check_fail "python (second request): $skip_reason"
+                bench_check_fail "python (second request): $skip_reason"
             fi
         fi
         bench_log "$t: answers 200, ${answer_bytes}-byte body, $answer_check"
     done
     if [[ -n ${body_bytes[hello]:-} && -n ${body_bytes[native]:-} ]]; then
         local d=$((body_bytes[hello] - body_bytes[native]))
-        ((d >= -16 && d <= 16)) || check_fail "hello's body is ${body_bytes[hello]} bytes, the native one ${body_bytes[native]}: not the same size"
+        ((d >= -16 && d <= 16)) || bench_check_fail "hello's body is ${body_bytes[hello]} bytes, the native one ${body_bytes[native]}: not the same size"
     fi
     for t in "${mine[@]}"; do
         [[ -z ${r_skip[$t/${conns[0]}]:-} ]] || continue
@@ -675,9 +634,9 @@ done
 if has_target python; then echo "  (python's latency at c > 1 includes queueing behind the other connections on one core)"; fi
 
 echo
-if ((${#check_failures[@]})); then
+if ((${#BENCH_CHECK_FAILURES[@]})); then
     echo "CHECKS FAILED (the figures above may not measure what they claim):"
-    printf '  - %s\n' "${check_failures[@]}"
+    printf '  - %s\n' "${BENCH_CHECK_FAILURES[@]}"
     echo "results: ${BENCH_RESULTS_FILE#"$BENCH_REPO_DIR"/}"
     exit 1
 fi

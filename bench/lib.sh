@@ -534,3 +534,64 @@ http {
     scgi_temp_path $dir/scgi;
 EOF
 }
+
+# bench_check_fail MESSAGE: records a failed check (printed at the end by the script; it exits 1).
+BENCH_CHECK_FAILURES=()
+bench_check_fail() {
+    bench_log "CHECK FAILED: $*"
+    BENCH_CHECK_FAILURES+=("$*")
+}
+
+# bench_check_pinned NAME PID: a failed check unless PID runs on $BENCH_SERVER_CPU alone.
+bench_check_pinned() {
+    local name=$1 pid=$2 aff
+    aff=$(taskset -cp "$pid" 2>/dev/null | awk -F': ' '{ print $2 }')
+    [[ $aff == "$BENCH_SERVER_CPU" ]] || bench_check_fail "$name (pid $pid) runs on cores '$aff', not on core $BENCH_SERVER_CPU alone"
+}
+
+# bench_data_disk WHY: the temp dir must be on a disk (durable writes are measured there): dies
+# on tmpfs with WHY; sets BENCH_FS_TYPE, BENCH_FS_SOURCE, BENCH_DISK_NAME (the block device whose
+# flushes /proc/diskstats counts, field 19, kernel >= 5.5; a partition is mapped to its disk;
+# empty when unknown), BENCH_WRITE_CACHE and BENCH_FSYNC_PROBE (median of 200 4 KiB writes +
+# fdatasync there), and logs them.
+bench_data_disk() {
+    local why=${1:-durable writes there would cost nothing} dev_id sys
+    BENCH_FS_TYPE=$(df --output=fstype "$BENCH_TMP" | tail -n 1)
+    BENCH_FS_SOURCE=$(df --output=source "$BENCH_TMP" | tail -n 1)
+    case $BENCH_FS_TYPE in
+        tmpfs | ramfs) bench_die "the temp dir $BENCH_TMP is on $BENCH_FS_TYPE: $why; set BENCH_DATA_PARENT to a directory on a disk" ;;
+    esac
+    BENCH_DISK_NAME=""
+    dev_id=$(stat -c '%Hd:%Ld' "$BENCH_TMP" 2>/dev/null) || dev_id=""
+    if [[ -n $dev_id && -e /sys/dev/block/$dev_id ]]; then
+        sys=$(readlink -f "/sys/dev/block/$dev_id")
+        [[ -e $sys/partition ]] && sys=$(dirname "$sys")
+        BENCH_DISK_NAME=$(basename "$sys")
+        awk -v d="$BENCH_DISK_NAME" '$3 == d && NF >= 20 { found = 1 } END { exit !found }' /proc/diskstats || BENCH_DISK_NAME=""
+    fi
+    BENCH_WRITE_CACHE=""
+    [[ -n $BENCH_DISK_NAME && -r /sys/block/$BENCH_DISK_NAME/queue/write_cache ]] &&
+        BENCH_WRITE_CACHE=$(cat "/sys/block/$BENCH_DISK_NAME/queue/write_cache")
+    BENCH_FSYNC_PROBE=$(python3 - "$BENCH_TMP/fsync-probe" <<'EOF' 2>/dev/null || echo "n/a"
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)
+times = []
+for i in range(200):
+    os.pwrite(fd, os.urandom(4096), 0)
+    t = time.perf_counter()
+    os.fdatasync(fd)
+    times.append(time.perf_counter() - t)
+os.close(fd)
+os.unlink(sys.argv[1])
+times.sort()
+print(f"{times[100] * 1e6:.0f} µs (p90 {times[180] * 1e6:.0f} µs)")
+EOF
+)
+    bench_log "data dir parent $BENCH_TMP: $BENCH_FS_TYPE on $BENCH_FS_SOURCE${BENCH_DISK_NAME:+ (disk $BENCH_DISK_NAME, write cache: ${BENCH_WRITE_CACHE:-?})}; 4 KiB write + fdatasync: median $BENCH_FSYNC_PROBE"
+    [[ -n $BENCH_DISK_NAME ]] || bench_log "no block device found for $BENCH_TMP in /proc/diskstats: disk flushes are not counted"
+}
+
+# bench_disk_flushes: the flush count of BENCH_DISK_NAME so far (0 when unknown).
+bench_disk_flushes() {
+    if [[ -z ${BENCH_DISK_NAME:-} ]]; then echo 0; else awk -v d="$BENCH_DISK_NAME" '$3 == d { print $19; exit }' /proc/diskstats; fi
+}

@@ -120,51 +120,11 @@ taskset -c "$BENCH_SERVER_CPU,$BENCH_CLIENT_CPU" true 2>/dev/null ||
     bench_die "cores $BENCH_SERVER_CPU and $BENCH_CLIENT_CPU are not both usable here (taskset)"
 TOKEN=bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
 AUTH=(-H "Authorization: Bearer $TOKEN")
-check_failures=()
-check_fail() {
-    bench_log "CHECK FAILED: $*"
-    check_failures+=("$*")
-}
 
 # --- the disk ----------------------------------------------------------------------------
-fs_type=$(df --output=fstype "$BENCH_TMP" | tail -n 1)
-fs_source=$(df --output=source "$BENCH_TMP" | tail -n 1)
-case $fs_type in
-    tmpfs | ramfs) bench_die "the temp dir $BENCH_TMP is on $fs_type: an fsync there costs nothing; set BENCH_DATA_PARENT to a directory on a disk" ;;
-esac
-# The block device of the data dir, for its flush count (/proc/diskstats field 19, kernel >= 5.5);
-# flushes are accounted to the whole disk, so a partition is mapped to its disk.
-disk_name=""
-dev_id=$(stat -c '%Hd:%Ld' "$BENCH_TMP" 2>/dev/null) || dev_id=""
-if [[ -n $dev_id && -e /sys/dev/block/$dev_id ]]; then
-    sys=$(readlink -f "/sys/dev/block/$dev_id")
-    [[ -e $sys/partition ]] && sys=$(dirname "$sys")
-    disk_name=$(basename "$sys")
-    awk -v d="$disk_name" '$3 == d && NF >= 20 { found = 1 } END { exit !found }' /proc/diskstats || disk_name=""
-fi
-write_cache=""
-[[ -n $disk_name && -r /sys/block/$disk_name/queue/write_cache ]] && write_cache=$(cat "/sys/block/$disk_name/queue/write_cache")
-disk_flushes() {
-    if [[ -z $disk_name ]]; then echo 0; else awk -v d="$disk_name" '$3 == d { print $19; exit }' /proc/diskstats; fi
-}
-# What one small write + fdatasync costs on this disk (median of 200), for reading the figures.
-fsync_probe=$(python3 - "$BENCH_TMP/fsync-probe" <<'EOF' 2>/dev/null || echo "n/a"
-import os, sys, time
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)
-times = []
-for i in range(200):
-    os.pwrite(fd, os.urandom(4096), 0)
-    t = time.perf_counter()
-    os.fdatasync(fd)
-    times.append(time.perf_counter() - t)
-os.close(fd)
-os.unlink(sys.argv[1])
-times.sort()
-print(f"{times[100] * 1e6:.0f} µs (p90 {times[180] * 1e6:.0f} µs)")
-EOF
-)
-bench_log "data dir parent $BENCH_TMP: $fs_type on $fs_source${disk_name:+ (disk $disk_name, write cache: ${write_cache:-?})}; 4 KiB write + fdatasync: median $fsync_probe"
-[[ -n $disk_name ]] || bench_log "no block device found for $BENCH_TMP in /proc/diskstats: disk flushes are not counted, the fsync check is off"
+bench_data_disk "an fsync there costs nothing"
+fs_type=$BENCH_FS_TYPE fs_source=$BENCH_FS_SOURCE disk_name=$BENCH_DISK_NAME
+write_cache=$BENCH_WRITE_CACHE fsync_probe=$BENCH_FSYNC_PROBE
 
 # --- build -------------------------------------------------------------------------------
 outpost_bin=""
@@ -223,11 +183,6 @@ pids_of() {
     for c in $(bench_children "$1"); do pids_of "$c"; done
 }
 
-check_pinned() {
-    local name=$1 pid=$2 aff
-    aff=$(taskset -cp "$pid" 2>/dev/null | awk -F': ' '{ print $2 }')
-    [[ $aff == "$BENCH_SERVER_CPU" ]] || check_fail "$name (pid $pid) runs on cores '$aff', not on core $BENCH_SERVER_CPU alone"
-}
 
 # phase_script PHASE: wrk's state.lua arguments for the phase.
 phase_script() {
@@ -262,11 +217,11 @@ hook_pre() {
             sum0=""
         }
     fi
-    flush0=$(disk_flushes)
+    flush0=$(bench_disk_flushes)
 }
 hook_post() {
     local flush1 sum1 delta lo hi
-    flush1=$(disk_flushes)
+    flush1=$(bench_disk_flushes)
     run_flushes=$((flush1 - flush0))
     BENCH_POST_RUN_JSON="\"disk_flushes\":$( [[ -n $disk_name ]] && echo "$run_flushes" || echo null)"
     if [[ -n $sum0 ]]; then
@@ -279,16 +234,16 @@ hook_post() {
             hi=$((BENCH_WRK_REQUESTS + 2 * BENCH_CONNECTIONS))
             BENCH_POST_RUN_JSON+=",\"counter_delta\":$delta"
             if ((delta < lo || delta > hi)); then
-                check_fail "$cur_target $cur_phase c$BENCH_CONNECTIONS: the counters grew by $delta for $BENCH_WRK_REQUESTS answered increments (expected $lo..$hi)"
+                bench_check_fail "$cur_target $cur_phase c$BENCH_CONNECTIONS: the counters grew by $delta for $BENCH_WRK_REQUESTS answered increments (expected $lo..$hi)"
             else
                 bench_log "$cur_target $cur_phase: counters +$delta for $BENCH_WRK_REQUESTS answered increments (ok)"
             fi
         else
-            check_fail "$cur_target $cur_phase: could not read the counters after the run"
+            bench_check_fail "$cur_target $cur_phase: could not read the counters after the run"
         fi
     fi
     if [[ $cur_durable == 1 && -n $disk_name ]] && is_write "$cur_phase" && ((run_flushes == 0)); then
-        check_fail "$cur_target $cur_phase c$BENCH_CONNECTIONS: $BENCH_WRK_REQUESTS durable writes and no flush reached disk $disk_name: writes are not fsynced (or the device ignores flushes)"
+        bench_check_fail "$cur_target $cur_phase c$BENCH_CONNECTIONS: $BENCH_WRK_REQUESTS durable writes and no flush reached disk $disk_name: writes are not fsynced (or the device ignores flushes)"
     fi
 }
 
@@ -329,7 +284,7 @@ measure_http() {
             if bench_measure "$t" "$base/" "${pids[@]}"; then
                 record_row "$key"
                 if ((BENCH_WRK_ERRORS > 0 || BENCH_WRK_NON2XX > 0)); then
-                    check_fail "$t $p c$c: ${BENCH_WRK_ERRORS} socket errors, ${BENCH_WRK_NON2XX} non-2xx responses$([[ $p == get ]] && echo " (404s: keys missing?)")"
+                    bench_check_fail "$t $p c$c: ${BENCH_WRK_ERRORS} socket errors, ${BENCH_WRK_NON2XX} non-2xx responses$([[ $p == get ]] && echo " (404s: keys missing?)")"
                 fi
             else
                 r_skip[$key]="the measured run failed"
@@ -338,7 +293,7 @@ measure_http() {
                 if [[ -e $f ]]; then mv "$f" "${f%.txt}-$p-c$c.txt"; fi
             done
             if ! kill -0 "${pids[0]}" 2>/dev/null || bench_is_zombie "${pids[0]}"; then
-                check_fail "$t exited during the $p run (c$c)"
+                bench_check_fail "$t exited during the $p run (c$c)"
                 bench_log_tail "$t"
                 return 1
             fi
@@ -444,7 +399,7 @@ EOF
     [[ $got == "200 $value_bytes" ]] || { skip_target nginx "PUT to nginx: '${got:0:60}', expected 200 and the value"; bench_stop "$pid"; return 0; }
     mapfile -t workers < <(bench_children "$pid")
     ((${#workers[@]} == 1)) || { skip_target nginx "expected 1 nginx worker, found ${#workers[@]}"; bench_stop "$pid"; return 0; }
-    check_pinned nginx "${workers[0]}"
+    bench_check_pinned nginx "${workers[0]}"
     cur_durable=0
     measure_http nginx "http://127.0.0.1:$port" "$pid" "${workers[@]}" || true
     bench_stop "$pid"
@@ -486,22 +441,22 @@ EOF
         kill -0 "$pid" 2>/dev/null && ! bench_is_zombie "$pid" || wait "$pid" || status=$?
         bench_log_tail outpost
         skip_target outpost "outpost serve not ready on /readyz within ${BENCH_READY_TIMEOUT}s (exit status $status if it exited)"
-        check_fail "outpost did not start"
+        bench_check_fail "outpost did not start"
         return 0
     fi
     local base="http://127.0.0.1:$admin_port"
-    check_pinned outpost "$pid"
+    bench_check_pinned outpost "$pid"
     if ! check_state_api outpost "$base"; then
-        check_fail "outpost: $skip_reason"
+        bench_check_fail "outpost: $skip_reason"
         skip_target outpost "$skip_reason"
         bench_stop "$pid"
         return 0
     fi
     [[ -s $dir/outpost.db && -e $dir/outpost.db-wal ]] ||
-        check_fail "outpost: no outpost.db with its WAL in $dir ($(find "$dir" -mindepth 1 -printf '%f ' 2>/dev/null))"
+        bench_check_fail "outpost: no outpost.db with its WAL in $dir ($(find "$dir" -mindepth 1 -printf '%f ' 2>/dev/null))"
     bench_log "outpost: store $dir/outpost.db ($fs_type), threads: $(find "/proc/$pid/task" -mindepth 1 -maxdepth 1 | wc -l), /state/fleet: $(http GET "$base/state/fleet" "${AUTH[@]}")"
     if [[ " ${phases[*]} " == *" get "* ]] && ! preload outpost "$base"; then
-        check_fail "outpost: $skip_reason"
+        bench_check_fail "outpost: $skip_reason"
         skip_target outpost "$skip_reason"
         bench_stop "$pid"
         return 0
@@ -539,20 +494,20 @@ EOF
     if ! bench_wait_http "$base/healthz" "$BENCH_READY_TIMEOUT" "$pid"; then
         bench_log_tail fastapi
         skip_target fastapi "uvicorn not ready within ${BENCH_READY_TIMEOUT}s"
-        check_fail "the fastapi peer did not start"
+        bench_check_fail "the fastapi peer did not start"
         return 0
     fi
-    check_pinned fastapi "$pid"
+    bench_check_pinned fastapi "$pid"
     if ! check_state_api fastapi "$base"; then
-        check_fail "fastapi: $skip_reason"
+        bench_check_fail "fastapi: $skip_reason"
         skip_target fastapi "$skip_reason"
         bench_stop "$pid"
         return 0
     fi
     got=$("$BENCH_PYTHON" -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(c.execute("PRAGMA journal_mode").fetchone()[0])' "$dir/peer.db" 2>&1)
-    [[ $got == wal ]] || check_fail "fastapi: its database is in journal mode '$got', not wal"
+    [[ $got == wal ]] || bench_check_fail "fastapi: its database is in journal mode '$got', not wal"
     if [[ " ${phases[*]} " == *" get "* ]] && ! preload fastapi "$base"; then
-        check_fail "fastapi: $skip_reason"
+        bench_check_fail "fastapi: $skip_reason"
         skip_target fastapi "$skip_reason"
         bench_stop "$pid"
         return 0
@@ -595,15 +550,15 @@ run_redis() {
         sleep 0.1
     done
     got="$("${cli[@]}" config get appendonly | tail -n 1) $("${cli[@]}" config get appendfsync | tail -n 1)"
-    [[ $got == "yes always" ]] || check_fail "redis: appendonly/appendfsync are '$got', expected 'yes always'"
-    check_pinned redis "$pid"
+    [[ $got == "yes always" ]] || bench_check_fail "redis: appendonly/appendfsync are '$got', expected 'yes always'"
+    bench_check_pinned redis "$pid"
     bench_log "redis: $(redis-server --version | awk '{ print $3 }'), appendonly $got, data in $dir ($fs_type)"
     # Keys for get: key:000000000000 .. as redis-benchmark's -r names them (12 digits).
     if [[ " ${phases[*]} " == *" get "* ]]; then
         awk -v n="$BENCH_KEYS" -v v="$value_bytes" 'BEGIN { for (k = 0; k < n; k++) printf "SET key:%012d %s\r\n", k, v }' |
-            "${cli[@]}" --pipe >"$BENCH_TMP/redis-load.txt" 2>&1 || check_fail "redis: loading keys failed"
+            "${cli[@]}" --pipe >"$BENCH_TMP/redis-load.txt" 2>&1 || bench_check_fail "redis: loading keys failed"
         got=$("${cli[@]}" get "key:$(printf '%012d' $((BENCH_KEYS - 1)))")
-        [[ $got == "$value_bytes" ]] || check_fail "redis: key:$(printf '%012d' $((BENCH_KEYS - 1))) is '${got:0:40}' after loading"
+        [[ $got == "$value_bytes" ]] || bench_check_fail "redis: key:$(printf '%012d' $((BENCH_KEYS - 1))) is '${got:0:40}' after loading"
     fi
     local clk p c key args dur_s n csv t0 t1 s0 s1 b0 b1 f0 f1 hot0 hot1 elapsed rps p50 p99 req
     clk=$(bench_clk_tck)
@@ -625,7 +580,7 @@ run_redis() {
             rps=$(awk -F'","' '{ print $2 }' <<<"$csv")
             n=$(awk -v r="$rps" -v d="$dur_s" -v c="$c" 'BEGIN { n = int(r * d); if (n < c * 100) n = c * 100; print n }')
             hot0=$("${cli[@]}" get 'counter:__rand_int__')
-            f0=$(disk_flushes)
+            f0=$(bench_disk_flushes)
             read -r b0 _ < <(bench_sys_ticks)
             s0=$(bench_self_ticks)
             t0=$(bench_cpu_ticks "$pid")
@@ -636,7 +591,7 @@ run_redis() {
             t1=$(bench_cpu_ticks "$pid")
             s1=$(bench_self_ticks)
             read -r b1 _ < <(bench_sys_ticks)
-            f1=$(disk_flushes)
+            f1=$(bench_disk_flushes)
             hot1=$("${cli[@]}" get 'counter:__rand_int__')
             echo "$csv" >"$BENCH_TMP/redis-$p-c$c.csv"
             # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
@@ -656,10 +611,10 @@ run_redis() {
             r_err[$key]=0
             [[ -n $disk_name ]] && r_flush[$key]=$(awk -v f="$((f1 - f0))" -v r="$req" 'BEGIN { printf "%.3f", f / r }')
             if [[ $p == incr-hot ]] && (( ${hot1:-0} - ${hot0:-0} != n )); then
-                check_fail "redis incr-hot c$c: the counter grew by $(( ${hot1:-0} - ${hot0:-0} )) for $n increments"
+                bench_check_fail "redis incr-hot c$c: the counter grew by $(( ${hot1:-0} - ${hot0:-0} )) for $n increments"
             fi
             if [[ -n $disk_name ]] && is_write "$p" && ((f1 - f0 == 0)); then
-                check_fail "redis $p c$c: no flush reached disk $disk_name with appendfsync always"
+                bench_check_fail "redis $p c$c: no flush reached disk $disk_name with appendfsync always"
             fi
             if awk -v p="${r_other[$key]}" 'BEGIN { exit !(p > 5) }'; then
                 bench_log "redis: WARNING: ${r_other[$key]}% of a core went to processes outside the benchmark during the run"
@@ -738,9 +693,9 @@ if [[ " ${targets[*]} " == *" outpost "* ]]; then
 fi
 
 echo
-if ((${#check_failures[@]})); then
+if ((${#BENCH_CHECK_FAILURES[@]})); then
     echo "CHECKS FAILED (the figures above may not measure what they claim):"
-    printf '  - %s\n' "${check_failures[@]}"
+    printf '  - %s\n' "${BENCH_CHECK_FAILURES[@]}"
     echo "results: ${BENCH_RESULTS_FILE#"$BENCH_REPO_DIR"/}"
     exit 1
 fi
