@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
@@ -110,7 +111,19 @@ impl WasiHttpHooks for OutpostHooks {
                 }
                 _ => return Err(HttpErr::HttpRequestDenied),
             };
-            let req = request.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+            let declared = request
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let req = request.map(|b| {
+                FinishOnDrop {
+                    inner: Some(b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+                    declared,
+                    sent: 0,
+                    ended: false,
+                }
+                .boxed_unsync()
+            });
             let resp = outbound.send(group, req).await.map_err(|e| match e {
                 OutboundError::Denied => HttpErr::HttpRequestDenied,
                 OutboundError::Unreachable(_) => HttpErr::ConnectionRefused,
@@ -123,6 +136,73 @@ impl WasiHttpHooks for OutpostHooks {
             });
             Ok((resp, Box::new(async { Ok(()) }) as IoFuture))
         })
+    }
+}
+
+/// A guest's outgoing request body as the origin stage sees it.
+///
+/// hyper stops reading a body, and drops it, the moment the `Content-Length` it declared has
+/// been written (hyperium/hyper#1521). The guest's side of the body would then be closed before
+/// it calls `flush` or `outgoing-body.finish`, and a guest that wrote exactly what it declared
+/// would see `StreamError::Closed`, at random, depending on who runs first. Once every declared
+/// byte has gone, the rest (the guest's finish, trailers at most) is read to its end in the
+/// background instead. A body dropped short of its length (the exchange failed) is dropped, so
+/// the guest hears of the failure on its next write.
+struct FinishOnDrop {
+    inner: Option<crate::FnBody>,
+    declared: Option<u64>,
+    sent: u64,
+    ended: bool,
+}
+
+impl http_body::Body for FinishOnDrop {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let polled = std::pin::Pin::new(inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent += data.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(None) => self.ended = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| http_body::SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        let Some(mut rest) = self.inner.take() else {
+            return;
+        };
+        if self.ended || rest.is_end_stream() || self.declared != Some(self.sent) {
+            return;
+        }
+        // Bounded: the guest cannot write past its Content-Length, and its store (the other end
+        // of this body) is dropped when the function ends or runs out of time.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { while let Some(Ok(_)) = rest.frame().await {} });
+        }
     }
 }
 
@@ -178,5 +258,85 @@ impl WasiHttpView for FnState {
             table: &mut self.table,
             hooks: &mut self.hooks,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::BodyExt as _;
+    use tokio::sync::mpsc;
+
+    use super::FinishOnDrop;
+    use crate::BoxError;
+
+    /// The guest's end of an outgoing body: frames sent on a channel.
+    struct Chan(mpsc::Receiver<Frame<Bytes>>);
+
+    impl http_body::Body for Chan {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0.poll_recv(cx).map(|f| f.map(Ok))
+        }
+    }
+
+    fn wrapped(declared: Option<u64>) -> (mpsc::Sender<Frame<Bytes>>, FinishOnDrop) {
+        let (tx, rx) = mpsc::channel(1);
+        let body = FinishOnDrop {
+            inner: Some(Chan(rx).boxed_unsync()),
+            declared,
+            sent: 0,
+            ended: false,
+        };
+        (tx, body)
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_once_its_length_went_out_still_takes_the_guests_finish() {
+        let (tx, mut body) = wrapped(Some(3));
+        tx.send(Frame::data(Bytes::from_static(b"abc")))
+            .await
+            .expect("send");
+        let frame = body.frame().await.expect("frame").expect("ok");
+        assert_eq!(frame.into_data().expect("data"), "abc");
+        // What hyper does once Content-Length bytes are written.
+        drop(body);
+        // The guest's finish (trailers) still has a reader …
+        tx.send(Frame::trailers(http::HeaderMap::new()))
+            .await
+            .expect("the guest's side stays open until it finishes");
+        // … and the reader goes away once the guest is done.
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_short_of_its_length_closes_the_guests_side() {
+        let (tx, mut body) = wrapped(Some(10));
+        tx.send(Frame::data(Bytes::from_static(b"abc")))
+            .await
+            .expect("send");
+        let _ = body.frame().await;
+        drop(body);
+        assert!(
+            tx.send(Frame::data(Bytes::from_static(b"def")))
+                .await
+                .is_err(),
+            "a failed exchange must show on the guest's next write"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_without_a_declared_length_is_not_drained() {
+        let (tx, body) = wrapped(None);
+        drop(body);
+        assert!(tx.send(Frame::data(Bytes::new())).await.is_err());
     }
 }

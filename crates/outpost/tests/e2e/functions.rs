@@ -104,8 +104,9 @@ async fn authorize_forwards_allowed_requests_and_refuses_the_rest() {
 
     for _ in 0..3 {
         let r = from("JP").await.expect("jp");
-        assert_eq!(r.status(), 200);
+        let status = r.status();
         let echo: Value = r.json().await.expect("echo");
+        assert_eq!(status, 200, "{echo}");
         // The origin got the request through the node's origin stage: method, path, body,
         // the client's headers, and the node's forwarding headers.
         assert_eq!(echo["method"], "POST", "{echo}");

@@ -240,18 +240,26 @@ fn forward(request: IncomingRequest, out: ResponseOutparam, origin: &str, rid: O
         _ => Err("body streams unavailable".to_owned()),
     };
     drop(IncomingBody::finish(client_body));
-    if let Err(e) = pumped {
-        drop(req_body); // unfinished: the origin sees an aborted body
-        return bad_gateway(out, format!("request body: {e}"), rid);
-    }
-    if let Err(code) = OutgoingBody::finish(req_body, None) {
-        return bad_gateway(out, format!("{code:?}"), rid);
-    }
+    let sent = match pumped {
+        Ok(_) => OutgoingBody::finish(req_body, None).map_err(|code| format!("{code:?}")),
+        Err(e) => {
+            drop(req_body); // unfinished: the origin sees an aborted body
+            Err(e)
+        }
+    };
 
-    // Response: origin → client, streamed.
+    // Response: origin → client, streamed. The response has the last word even when the
+    // request body could not be written in full: an origin may answer (413, 401 …) before it
+    // reads the body, and when the exchange failed its error says more than the body's.
     let resp = match wait_response(fut) {
         Ok(r) => r,
-        Err(code) => return bad_gateway(out, error_text(&code), rid),
+        Err(code) => {
+            let reason = match sent {
+                Ok(()) => error_text(&code),
+                Err(e) => format!("request body: {e}; exchange: {}", error_text(&code)),
+            };
+            return bad_gateway(out, reason, rid);
+        }
     };
     let reply = OutgoingResponse::new(copy_headers(&resp.headers()));
     let _ = reply.set_status_code(resp.status());
