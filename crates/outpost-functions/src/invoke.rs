@@ -125,6 +125,7 @@ impl Deployed {
     ) -> Served {
         let deadline = Instant::now() + self.timeout;
         let started = StdInstant::now();
+        let head_request = req.method() == http::Method::HEAD;
         let state = FnState::new(self.shared.clone(), outbound, self.max_memory);
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -205,16 +206,31 @@ impl Deployed {
         cancel.armed = false;
 
         match head {
-            Ok(Ok(Ok(resp))) => Served::Response(resp.map(|body| {
-                GuardedBody {
-                    inner: body,
-                    deadline: Box::pin(tokio::time::sleep_until(deadline)),
-                    done: Some(done_rx),
-                    abort,
-                    cell,
-                }
-                .boxed_unsync()
-            })),
+            Ok(Ok(Ok(resp))) => {
+                let status = resp.status();
+                // What the client can receive: no body at all for these (RFC 9110 §6.4.1).
+                let bodiless = head_request
+                    || status.is_informational()
+                    || status == http::StatusCode::NO_CONTENT
+                    || status == http::StatusCode::NOT_MODIFIED;
+                let declared = resp
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                Served::Response(resp.map(|body| {
+                    GuardedBody {
+                        inner: Some(body),
+                        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                        done: Some(done_rx),
+                        abort,
+                        cell,
+                        declared,
+                        sent: 0,
+                        bodiless,
+                    }
+                    .boxed_unsync()
+                }))
+            }
             Ok(Ok(Err(code))) => {
                 // The guest answered `response-outparam.set(err(code))`; let it finish.
                 Served::Failed(Failure {
@@ -278,11 +294,18 @@ fn cancel(cell: &AtomicU8, abort: &tokio::task::AbortHandle) {
 /// cleanly when the store is dropped (trap, abort), which would make a truncated body look
 /// complete; a guest that did not return normally turns the end into an error instead.
 struct GuardedBody {
-    inner: HyperOutgoingBody,
+    /// `None` only while being dropped.
+    inner: Option<HyperOutgoingBody>,
     deadline: Pin<Box<tokio::time::Sleep>>,
     done: Option<tokio::sync::oneshot::Receiver<(Outcome, String)>>,
     abort: tokio::task::AbortHandle,
     cell: Arc<AtomicU8>,
+    /// The guest's `Content-Length`, if it set one.
+    declared: Option<u64>,
+    /// Body bytes handed to the server so far.
+    sent: u64,
+    /// The client gets no body (HEAD, 1xx, 204, 304): the server never reads this one.
+    bodiless: bool,
 }
 
 /// Why a function's response body ended early.
@@ -314,8 +337,16 @@ impl Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => return Poll::Ready(Some(Ok(f))),
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(data) = f.data_ref() {
+                    this.sent += data.len() as u64;
+                }
+                return Poll::Ready(Some(Ok(f)));
+            }
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
             Poll::Ready(None) => {
                 let Some(done) = this.done.as_mut() else {
@@ -347,15 +378,48 @@ impl Body for GuardedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done.is_none() && self.inner.is_end_stream()
+        self.done.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 }
 
 impl Drop for GuardedBody {
     fn drop(&mut self) {
-        if self.done.is_some() && !self.abort.is_finished() {
-            // The client left before the guest finished: stop it now rather than at the deadline.
-            cancel(&self.cell, &self.abort);
+        let Some(done) = self.done.take() else {
+            return;
+        };
+        if self.abort.is_finished() {
+            return;
         }
+        // hyper drops a body, without reading on, once the client has all it can receive: the
+        // declared Content-Length went out, or the answer has no body (HEAD, 204, 304). The
+        // guest may still be finishing its body or working after its answer; that is not a
+        // client gone away, so it runs on to its return, within its deadline, and what it
+        // still writes (bounded by its Content-Length, which wasmtime enforces) is read and
+        // dropped so that its writes do not fail. Otherwise the client left mid-body: stop
+        // the guest now rather than at the deadline.
+        let delivered = self.bodiless || self.declared == Some(self.sent);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            cancel(&self.cell, &self.abort);
+            return;
+        };
+        if !delivered {
+            cancel(&self.cell, &self.abort);
+            return;
+        }
+        let rest = self.inner.take().filter(|_| self.declared.is_some());
+        let deadline = self.deadline.deadline();
+        let abort = self.abort.clone();
+        rt.spawn(async move {
+            let finish = async move {
+                if let Some(mut rest) = rest {
+                    while let Some(Ok(_)) = rest.frame().await {}
+                }
+                let _ = done.await;
+            };
+            // Past the deadline the outcome stays `timeout`, as for any guest that overruns.
+            if tokio::time::timeout_at(deadline, finish).await.is_err() {
+                abort.abort();
+            }
+        });
     }
 }

@@ -293,6 +293,26 @@ async fn hostile_guests_are_contained_with_the_right_status() {
     assert!(report.contains("env: 0 variables"), "{report}");
     assert!(report.contains("args: 0"), "{report}");
 
+    // hyper stops reading a body once the client has all it can receive (the declared
+    // Content-Length, nothing for HEAD): that is not a client gone away. The guest keeps
+    // writing and working after it and returns normally (its writes would fail, and /late
+    // panic, if the host closed its body), counted as ok, never cancelled.
+    let ok = "outpost_function_invocations_total{function=\"hostile\",outcome=\"ok\"}";
+    let ok_before = node.metric(ok).await;
+    let started = Instant::now();
+    let r = get("/late").await.expect("late");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.expect("late body"), "late");
+    let r = c.head(node.url("/ok")).send().await.expect("head");
+    assert_eq!(r.status(), 200);
+    eventually(
+        "/late and HEAD /ok ran to their return",
+        SECS(5),
+        || async { node.metric(ok).await == ok_before + 2.0 },
+    )
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
     // A client that leaves before the head stops the guest: counted as cancelled, not a trap.
     let gone = c
         .get(node.url("/spin"))

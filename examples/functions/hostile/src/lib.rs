@@ -10,6 +10,7 @@
 //! | `/sleep`     | blocks in a host call (monotonic-clock subscribe-duration, 1 hour)    |
 //! | `/forbidden` | outgoing GET `http://example.com/` → 502 `denied: <error code>`       |
 //! | `/escape`    | tries files, environment, arguments and sockets; reports what worked  |
+//! | `/late`      | 200 `late` with `content-length: 4`, then 300 ms of work, then finish |
 //! | `/ok`        | 200 `ok`                                                              |
 //!
 //! Anything else → 404.
@@ -19,7 +20,8 @@ use std::io::Write as _;
 
 use outpost_guest::{respond, send};
 use wasip2::http::types::{
-    Fields, IncomingRequest, OutgoingRequest, OutgoingResponse, ResponseOutparam, Scheme,
+    Fields, IncomingRequest, OutgoingBody, OutgoingRequest, OutgoingResponse, ResponseOutparam,
+    Scheme,
 };
 
 struct Hostile;
@@ -115,6 +117,26 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
                 let r = std::net::UdpSocket::bind("0.0.0.0:0");
                 report.push_str(&format!("udp bind: {}\n", r.map_or_else(|e| format!("denied ({e})"), |_| "BOUND".to_owned())));
                 text(out, 200, &report)
+            }
+            "/late" => {
+                // The client has the whole answer once its 4 declared bytes are out; the guest
+                // goes on working (as after `waitUntil`) and returns normally.
+                let fields = Fields::new();
+                let _ = fields.append("content-type", b"text/plain");
+                let _ = fields.append("content-length", b"4");
+                let resp = OutgoingResponse::new(fields);
+                let _ = resp.set_status_code(200);
+                let body = resp.body().expect("body");
+                ResponseOutparam::set(out, Ok(resp));
+                let mut stream = body.write().expect("stream");
+                let wrote = stream
+                    .write_all(b"late")
+                    .and_then(|()| std::io::Write::flush(&mut stream));
+                drop(stream);
+                wasip2::clocks::monotonic_clock::subscribe_duration(300_000_000).block();
+                if wrote.is_err() || OutgoingBody::finish(body, None).is_err() {
+                    panic!("hostile: the host closed a body whose length was all written");
+                }
             }
             "/ok" => text(out, 200, "ok"),
             _ => text(out, 404, "unknown hostile path"),
