@@ -11,12 +11,15 @@
 //!   latest full state per object in `OUTPOST_SNAPSHOTS`, read at start and after every
 //!   reconnect, which repairs whatever the delta stream no longer holds).
 //! - [`invalidate`]: the center's purges (`outpost.invalidate`) handed to the node's cache.
+//! - [`functions`]: function versions made active fleet-wide (components in an object store,
+//!   the active one per function in a key-value bucket every node watches).
 //!
 //! Nothing here is a home-made gossip protocol: ordering, retention, redelivery and durability
 //! are JetStream's; merges are the CRDTs' (commutative, associative, idempotent), so duplicates
 //! and any delivery order are harmless.
 
 pub mod connect;
+pub mod functions;
 pub mod heartbeat;
 pub mod invalidate;
 pub mod replication;
@@ -30,6 +33,7 @@ use outpost_state::Store;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use functions::Activation;
 pub use invalidate::Invalidation;
 
 /// Errors that stop the fleet from starting (the node then refuses to start: a bad fleet config
@@ -106,17 +110,21 @@ pub struct Fleet {
     pub status: Arc<FleetStatus>,
     client: async_nats::Client,
     js: async_nats::jetstream::Context,
+    node_id: String,
+    replicas: usize,
 }
 
 impl Fleet {
-    /// Connects (in the background if the server is down) and starts replication, anti-entropy
-    /// and, when enabled, invalidations (sent to `invalidations`). Everything stops on `stop`.
+    /// Connects (in the background if the server is down) and starts replication, anti-entropy,
+    /// the watch of function versions (sent to `activations`) and, when enabled, invalidations
+    /// (sent to `invalidations`). Everything stops on `stop`.
     pub async fn start(
         options: FleetOptions,
         store: Store,
         metrics: FleetStatus,
         heartbeat: heartbeat::HeartbeatSource,
         invalidations: mpsc::Sender<Invalidation>,
+        activations: mpsc::Sender<Activation>,
         stop: CancellationToken,
     ) -> Result<Fleet, FleetError> {
         let status = Arc::new(metrics);
@@ -140,6 +148,12 @@ impl Fleet {
             heartbeat,
             stop.clone(),
         ));
+        tokio::spawn(functions::watch(
+            js.clone(),
+            options.stream_replicas,
+            activations,
+            stop.clone(),
+        ));
         if options.invalidations {
             tokio::spawn(invalidate::run(
                 js.clone(),
@@ -149,7 +163,41 @@ impl Fleet {
                 stop,
             ));
         }
-        Ok(Fleet { status, client, js })
+        Ok(Fleet {
+            status,
+            client,
+            js,
+            node_id: options.node_id.clone(),
+            replicas: options.stream_replicas,
+        })
+    }
+
+    /// Makes `wasm` (hashing to `sha256`) the active version of function `name` on every node:
+    /// uploads it unless the fleet has it, then records it as active, stamped with this node.
+    pub async fn publish_function(
+        &self,
+        name: &str,
+        sha256: &str,
+        wasm: &[u8],
+        at_ms: u64,
+    ) -> Result<(), String> {
+        let activation = Activation {
+            name: name.to_owned(),
+            sha256: sha256.to_owned(),
+            by: self.node_id.clone(),
+            at_ms,
+        };
+        functions::publish(&self.js, self.replicas, &activation, wasm).await
+    }
+
+    /// Downloads a component another node published, up to `limit` bytes.
+    pub async fn fetch_function(&self, sha256: &str, limit: usize) -> Result<Vec<u8>, String> {
+        functions::fetch(&self.js, self.replicas, sha256, limit).await
+    }
+
+    /// This node's id, as its activations carry it.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
     }
 
     /// JetStream on the fleet connection (heartbeats, analytics summaries).

@@ -102,7 +102,8 @@ pub struct VersionInfo {
     pub size: u64,
     /// When it was deployed, Unix ms.
     pub deployed_ms: u64,
-    /// `config` (from `[functions.NAME] component`) or `api` (`outpost fn deploy`).
+    /// `config` (from `[functions.NAME] component`), `api` (`outpost fn deploy` on this node)
+    /// or `fleet` (made active on another node of the fleet).
     pub source: String,
 }
 
@@ -326,12 +327,76 @@ impl Functions {
     /// Validates `wasm` by compiling and linking it, keeps it as the next version of `name`
     /// and switches new requests to it. An invalid component changes nothing.
     pub async fn deploy(&self, name: &str, wasm: Vec<u8>) -> Result<VersionInfo, FunctionError> {
-        let result = self.deploy_inner(name, wasm).await;
+        let result = self.deploy_inner(name, wasm, "api").await;
         self.metrics.function_deploy(name, result.is_ok());
         result
     }
 
-    async fn deploy_inner(&self, name: &str, wasm: Vec<u8>) -> Result<VersionInfo, FunctionError> {
+    /// Deploys `wasm` as the next version of `name` because another node of the fleet made it
+    /// active there (`source` = `fleet`). Refused unless it hashes to `sha256`: what the fleet
+    /// named is what runs.
+    pub async fn adopt(
+        &self,
+        name: &str,
+        sha256: &str,
+        wasm: Vec<u8>,
+    ) -> Result<VersionInfo, FunctionError> {
+        let got = crate::precompiled::sha256(&wasm);
+        let result = if got == sha256 {
+            self.deploy_inner(name, wasm, "fleet").await
+        } else {
+            Err(FunctionError::Invalid {
+                name: name.to_owned(),
+                reason: format!("the fleet named sha256 {sha256} but the bytes hash to {got}"),
+            })
+        };
+        self.metrics.function_deploy(name, result.is_ok());
+        result
+    }
+
+    /// The version of `name` serving new requests.
+    pub async fn active_version(&self, name: &str) -> Option<VersionInfo> {
+        let manifest = self.manifest.lock().await;
+        let entry = manifest.functions.get(name)?;
+        entry
+            .versions
+            .iter()
+            .find(|v| v.version == entry.active)
+            .cloned()
+    }
+
+    /// The newest version of `name` holding the component `sha256`, if this node has it.
+    pub async fn version_of(&self, name: &str, sha256: &str) -> Option<u32> {
+        let manifest = self.manifest.lock().await;
+        manifest
+            .functions
+            .get(name)?
+            .versions
+            .iter()
+            .filter(|v| v.sha256 == sha256)
+            .map(|v| v.version)
+            .max()
+    }
+
+    /// The bytes of a component this node keeps (every version it ever ran), to hand to the
+    /// fleet.
+    pub fn component(&self, sha256: &str) -> Result<Vec<u8>, FunctionError> {
+        if sha256.is_empty() || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(FunctionError::Invalid {
+                name: String::new(),
+                reason: format!("{sha256:?} is not a sha256"),
+            });
+        }
+        let path = self.dir.join("components").join(format!("{sha256}.wasm"));
+        std::fs::read(&path).map_err(io("read component", &path))
+    }
+
+    async fn deploy_inner(
+        &self,
+        name: &str,
+        wasm: Vec<u8>,
+        source: &str,
+    ) -> Result<VersionInfo, FunctionError> {
         if wasm.len() > MAX_COMPONENT_BYTES {
             return Err(FunctionError::TooLarge {
                 size: wasm.len(),
@@ -355,7 +420,7 @@ impl Functions {
             sha256: sha.clone(),
             size: wasm.len() as u64,
             deployed_ms: now_ms(),
-            source: "api".into(),
+            source: source.into(),
         };
         entry.versions.push(info.clone());
         let previous = entry.active;

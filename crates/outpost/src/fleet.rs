@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use outpost_config::Config;
 use outpost_fleet::heartbeat::{HealthRules, Heartbeat, HeartbeatSource};
-use outpost_fleet::{Fleet, FleetOptions, Invalidation};
+use outpost_fleet::{Activation, Fleet, FleetOptions, Invalidation};
 use outpost_proxy::Node;
 use outpost_state::{Store, StoreOptions};
 use tokio::sync::mpsc;
@@ -98,12 +98,107 @@ pub async fn start(
         return Ok(None);
     };
     let (tx, rx) = mpsc::channel(1024);
+    let (activations_tx, activations) = mpsc::channel(64);
     let beat = heartbeat_source(config, node.clone(), store.clone());
-    let fleet = Fleet::start(options, store, node.metrics().fleet(), beat, tx, stop)
-        .await
-        .context("cannot start the fleet link")?;
-    tokio::spawn(apply_invalidations(rx, node));
+    let replicas = options.stream_replicas;
+    let fleet = Fleet::start(
+        options,
+        store,
+        node.metrics().fleet(),
+        beat,
+        tx,
+        activations_tx,
+        stop,
+    )
+    .await
+    .context("cannot start the fleet link")?;
+    tokio::spawn(apply_invalidations(rx, node.clone()));
+    tokio::spawn(apply_activations(
+        activations,
+        node,
+        fleet.jetstream(),
+        replicas,
+    ));
     Ok(Some(fleet))
+}
+
+/// Switches this node's functions to the versions the fleet made active (one at a time, in
+/// the order JetStream delivers them).
+async fn apply_activations(
+    mut rx: mpsc::Receiver<Activation>,
+    node: Arc<Node>,
+    js: async_nats::jetstream::Context,
+    replicas: usize,
+) {
+    while let Some(a) = rx.recv().await {
+        let Some(functions) = node.functions() else {
+            tracing::debug!(function = %a.name, "A fleet function version for a node without functions; ignored.");
+            continue;
+        };
+        if functions.get(&a.name).is_none() {
+            tracing::debug!(function = %a.name, "A fleet function version for a function this node does not declare; ignored.");
+            continue;
+        }
+        match adopt(functions, &a, &js, replicas).await {
+            Ok(Some(version)) => tracing::info!(
+                function = %a.name,
+                version,
+                sha256 = %a.sha256,
+                by = %a.by,
+                "Function version made active by the fleet."
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                function = %a.name,
+                sha256 = %a.sha256,
+                by = %a.by,
+                error = %e,
+                "Cannot switch to the fleet's function version; the local one keeps serving."
+            ),
+        }
+    }
+}
+
+/// Makes `a` active here; `None` when there was nothing to do: already active, or the active
+/// version is one deployed on this node's own admin API after `a` was made (a deploy the fleet
+/// may not have heard of, when the link was down: it is kept). Versions from the config or from
+/// the fleet give way: a node that joins runs what the fleet runs.
+async fn adopt(
+    functions: &outpost_functions::Functions,
+    a: &Activation,
+    js: &async_nats::jetstream::Context,
+    replicas: usize,
+) -> Result<Option<u32>, String> {
+    if let Some(active) = functions.active_version(&a.name).await {
+        if active.sha256 == a.sha256 {
+            return Ok(None);
+        }
+        if active.source == "api" && active.deployed_ms > a.at_ms {
+            tracing::info!(
+                function = %a.name,
+                local_version = active.version,
+                sha256 = %a.sha256,
+                by = %a.by,
+                "The fleet's function version is older than the one deployed on this node; keeping the local one."
+            );
+            return Ok(None);
+        }
+    }
+    let info = match functions.version_of(&a.name, &a.sha256).await {
+        Some(version) => functions.rollback(&a.name, Some(version)).await,
+        None => {
+            let wasm = outpost_fleet::functions::fetch(
+                js,
+                replicas,
+                &a.sha256,
+                outpost_functions::MAX_COMPONENT_BYTES,
+            )
+            .await?;
+            functions.adopt(&a.name, &a.sha256, wasm).await
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(Some(info.version))
 }
 
 async fn apply_invalidations(mut rx: mpsc::Receiver<Invalidation>, node: Arc<Node>) {

@@ -77,7 +77,10 @@ async fn deploy(
     match f.deploy(&name, body.to_vec()).await {
         Ok(v) => {
             tracing::info!(function = %name, version = v.version, sha256 = %v.sha256, "Function deployed.");
-            (StatusCode::CREATED, axum::Json(json!(v))).into_response()
+            let fleet = publish(&life, &name, &v.sha256, &body, v.deployed_ms).await;
+            let mut answer = json!(v);
+            answer["fleet"] = fleet;
+            (StatusCode::CREATED, axum::Json(answer)).into_response()
         }
         Err(e) => {
             tracing::warn!(function = %name, error = %e, "Deploy rejected; the active version keeps serving.");
@@ -102,9 +105,61 @@ async fn rollback(
     match f.rollback(&name, q.version).await {
         Ok(v) => {
             tracing::info!(function = %name, version = v.version, "Function rolled back.");
-            axum::Json(json!(v)).into_response()
+            let fleet = match f.component(&v.sha256) {
+                Ok(wasm) => publish(&life, &name, &v.sha256, &wasm, now_ms()).await,
+                Err(e) => json!({ "error": e.to_string() }),
+            };
+            let mut answer = json!(v);
+            answer["fleet"] = fleet;
+            axum::Json(answer).into_response()
         }
         Err(e) => error(&e),
+    }
+}
+
+/// Makes the version this node just switched to the fleet's (when the node is in a fleet):
+/// `"published"`, `"none"` (no `[fleet]`), or `{"error": …}`; the local switch stands either way.
+async fn publish(
+    life: &Lifecycle,
+    name: &str,
+    sha256: &str,
+    wasm: &[u8],
+    at_ms: u64,
+) -> serde_json::Value {
+    let Some(fleet) = &life.fleet else {
+        return json!("none");
+    };
+    match fleet.publish_function(name, sha256, wasm, at_ms).await {
+        Ok(()) => {
+            tracing::info!(function = %name, sha256, "Function version published to the fleet.");
+            json!("published")
+        }
+        Err(e) => {
+            tracing::warn!(function = %name, sha256, error = %e, "Function version not published to the fleet; it is active on this node only.");
+            json!({ "error": e })
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The fleet's word in a deploy or rollback answer, for the CLI.
+fn fleet_line(v: &serde_json::Value) -> String {
+    match &v["fleet"] {
+        serde_json::Value::String(s) if s == "published" => {
+            "fleet: published; every node switches to it\n".into()
+        }
+        serde_json::Value::Object(o) => format!(
+            "fleet: NOT published ({}); active on this node only\n",
+            o.get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("unknown error")
+        ),
+        _ => String::new(),
     }
 }
 
@@ -166,10 +221,11 @@ pub fn run(config_path: &Path, admin: Option<String>, cmd: FnCommand) -> anyhow:
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("unexpected answer: {text}"))?;
             Ok(format!(
-                "{name}: version {} active (sha256 {}, {} bytes)\n",
+                "{name}: version {} active (sha256 {}, {} bytes)\n{}",
                 v["version"],
                 v["sha256"].as_str().unwrap_or("?"),
-                v["size"]
+                v["size"],
+                fleet_line(&v)
             ))
         }
         FnCommand::Rollback { name, version } => {
@@ -184,7 +240,11 @@ pub fn run(config_path: &Path, admin: Option<String>, cmd: FnCommand) -> anyhow:
             }
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("unexpected answer: {text}"))?;
-            Ok(format!("{name}: version {} active\n", v["version"]))
+            Ok(format!(
+                "{name}: version {} active\n{}",
+                v["version"],
+                fleet_line(&v)
+            ))
         }
         FnCommand::List { format } => {
             let (status, text) = call(http::Method::GET, "/functions".into(), Bytes::new())?;

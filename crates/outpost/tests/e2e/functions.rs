@@ -491,3 +491,98 @@ fn the_functions_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A function deployed on one node of a fleet runs on every node, a node that joins later runs
+/// it too, and a rollback on any node rolls the fleet back (components in a JetStream object
+/// store, the active version per function in a key-value bucket every node watches).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_deployed_on_one_node_of_a_fleet_runs_on_every_node() {
+    let hub = Nats::hub();
+    let origin = Origin::echo("us-west").await;
+    let config = |id: &str| {
+        NodeConfig::new()
+            .id(id)
+            .raw(&format!(
+                "[fleet]\nnats = \"{}\"\njetstream_domain = \"hub\"\n",
+                hub.url()
+            ))
+            .raw(&wasm_head())
+            .raw(&function_toml("edge", "hello", ""))
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("edge", "/", "api", "function = \"edge\"")
+    };
+    let mut nodes = Vec::new();
+    for id in ["edge-1", "edge-2"] {
+        let n = Node::start(&config(id)).await;
+        eventually("the fleet link is up", SECS(15), || async {
+            n.state("GET", "/state/fleet", None).await.1["fleet"]["connected"] == true
+        })
+        .await;
+        nodes.push(n);
+    }
+    let c = client();
+    // hello answers JSON "from wasm"; hostile's /ok answers "ok".
+    let runs = |n: &Node, want: &'static str| {
+        let url = n.url("/ok");
+        let c = c.clone();
+        async move {
+            match c.get(url).send().await {
+                Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t.contains(want)),
+                _ => false,
+            }
+        }
+    };
+    for n in &nodes {
+        assert!(runs(n, "from wasm").await);
+    }
+
+    let hostile = guests().join("hostile.wasm");
+    let out = fn_cli(
+        &nodes[0],
+        &["deploy", "edge", hostile.to_str().expect("path")],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("fleet: published"), "{said}");
+    assert!(runs(&nodes[0], "ok").await);
+    eventually("edge-2 runs what edge-1 deployed", SECS(30), || {
+        runs(&nodes[1], "ok")
+    })
+    .await;
+    let listed = String::from_utf8_lossy(&fn_cli(&nodes[1], &["list"]).stdout).into_owned();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("fleet") && l.contains('*')),
+        "{listed}"
+    );
+
+    // A node that joins later runs the fleet's version, not its config's.
+    let late = Node::start(&config("edge-3")).await;
+    eventually(
+        "edge-3 catches up with the fleet's version",
+        SECS(30),
+        || runs(&late, "ok"),
+    )
+    .await;
+
+    // A rollback on any node rolls every node back.
+    let out = fn_cli(&nodes[1], &["rollback", "edge"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("fleet: published"), "{said}");
+    for n in [&nodes[0], &nodes[1], &late] {
+        eventually("every node is back on hello", SECS(30), || {
+            runs(n, "from wasm")
+        })
+        .await;
+    }
+}
