@@ -15,8 +15,6 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff;
-
 /// The object store of components, by SHA-256.
 pub const OBJECTS: &str = "outpost_functions";
 /// The key-value bucket of active versions, by function name.
@@ -130,23 +128,13 @@ pub async fn watch(
     sink: mpsc::Sender<Activation>,
     stop: CancellationToken,
 ) {
-    let mut attempt = 0u32;
-    loop {
-        let result = watch_once(&js, replicas, &sink, &stop).await;
-        if stop.is_cancelled() || sink.is_closed() {
-            return;
-        }
-        attempt += 1;
-        if let Err(e) = result
-            && (attempt == 1 || attempt.is_multiple_of(20))
-        {
-            tracing::warn!(error = %e, "Watch of the fleet's function versions interrupted; resuming.");
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff(attempt.min(4))) => {}
-        }
-    }
+    crate::resume(
+        "Watch of the fleet's function versions",
+        &stop,
+        || sink.is_closed(),
+        || watch_once(&js, replicas, &sink, &stop),
+    )
+    .await;
 }
 
 async fn watch_once(

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{FleetStatus, backoff, consumer_name, streams};
+use crate::{FleetStatus, consumer_name, streams};
 
 /// One invalidation message (the JSON the center publishes).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -49,23 +49,13 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let name = consumer_name("invalidate", &node_id);
-    let mut attempt = 0u32;
-    loop {
-        let result = consume(&js, &name, &sink, &status, &stop).await;
-        if stop.is_cancelled() || sink.is_closed() {
-            return;
-        }
-        attempt += 1;
-        if let Err(e) = result
-            && (attempt == 1 || attempt.is_multiple_of(20))
-        {
-            tracing::warn!(error = %e, "Invalidation consumer interrupted; resuming.");
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff(attempt.min(4))) => {}
-        }
-    }
+    crate::resume(
+        "Invalidation consumer",
+        &stop,
+        || sink.is_closed(),
+        || consume(&js, &name, &sink, &status, &stop),
+    )
+    .await;
 }
 
 async fn consume(

@@ -231,6 +231,37 @@ pub(crate) fn consumer_name(prefix: &str, node_id: &str) -> String {
     format!("{prefix}-{clean}")
 }
 
+/// Runs `session` again and again until `stop` (or until `done()` says nobody listens any
+/// more): a consumer or watch that ends or fails is resumed after a backoff, and its error is
+/// logged (`what` names it) on the first failure and every 20th after.
+pub(crate) async fn resume<F, Fut>(
+    what: &'static str,
+    stop: &CancellationToken,
+    done: impl Fn() -> bool,
+    mut session: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        let result = session().await;
+        if stop.is_cancelled() || done() {
+            return;
+        }
+        attempt += 1;
+        if let Err(e) = result
+            && (attempt == 1 || attempt.is_multiple_of(20))
+        {
+            tracing::warn!(error = %e, "{what} interrupted; resuming.");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff(attempt.min(4))) => {}
+        }
+    }
+}
+
 /// Exponential backoff with full jitter, capped, for reconnect-style retries.
 pub(crate) fn backoff(attempt: u32) -> Duration {
     let cap = Duration::from_secs(5);

@@ -152,23 +152,13 @@ async fn publish_loop(link: Link) {
 /// disconnection or restart it resumes where it stopped.
 async fn apply_loop(link: Link) {
     let name = consumer_name("deltas", &link.options.node_id);
-    let mut attempt = 0u32;
-    loop {
-        let result = consume_deltas(&link, &name).await;
-        if link.stop.is_cancelled() {
-            return;
-        }
-        attempt += 1;
-        if let Err(e) = result
-            && (attempt == 1 || attempt.is_multiple_of(20))
-        {
-            tracing::warn!(error = %e, "Fleet delta consumer interrupted; resuming.");
-        }
-        tokio::select! {
-            _ = link.stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff(attempt.min(4))) => {}
-        }
-    }
+    crate::resume(
+        "Fleet delta consumer",
+        &link.stop,
+        || false,
+        || consume_deltas(&link, &name),
+    )
+    .await;
 }
 
 async fn consume_deltas(link: &Link, name: &str) -> Result<(), String> {
