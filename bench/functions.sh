@@ -8,8 +8,8 @@
 #            pooled instance per request, JSON built in the guest (path, request id, geo)
 #   python   the same node, a route to the componentize-py guest (examples/functions/python):
 #            CPython in the component, and on every request a wasi:keyvalue increment of
-#            "visits", a durable write to the node's store (read, then write + fsync, under
-#            a per-function lock): not pure compute
+#            "visits", a durable write to the node's store (read and write in the store
+#            writer's transaction, concurrent increments sharing its fsync): not pure compute
 #
 # Each at every concurrency of BENCH_FN_CONNECTIONS (default 1,32). Per run: requests, req/s,
 # p50/p99 (wrk), the server's CPU-µs per request (utime+stime of all its processes from /proc,

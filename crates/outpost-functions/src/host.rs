@@ -24,8 +24,6 @@ pub(crate) struct FnShared {
     pub store: outpost_state::Store,
     /// KV namespace of the function's bucket.
     pub kv_namespace: String,
-    /// Serialises read-modify-write (`atomics.increment`) on this node.
-    pub kv_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The guest's memory ran past its limit; carried as the trap's error so that the outcome

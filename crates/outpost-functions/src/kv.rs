@@ -154,24 +154,14 @@ impl atomics::Host for KvView<'_> {
         key: String,
         delta: u64,
     ) -> Result<u64, KvError> {
-        // Atomic on this node; across a fleet the key is last-writer-wins like any KV write
-        // (use the state API's counters for fleet-wide sums).
-        let shared = self.shared;
-        let _held = shared.kv_lock.lock().await;
-        let current = match self.shared.kv_value(&key)? {
-            Some(v) => std::str::from_utf8(&v)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    KvError::Other(format!("value of `{key}` is not a decimal counter"))
-                })?,
-            None => 0,
-        };
-        let new = current
-            .checked_add(delta)
-            .ok_or_else(|| KvError::Other(format!("counter `{key}` would overflow")))?;
-        shared.kv_set(&key, new.to_string().into_bytes()).await?;
-        Ok(new)
+        // Atomic on this node (read and write in the store's writer transaction, sharing its
+        // fsync with concurrent writes); across a fleet the key is last-writer-wins like any KV
+        // write (use the state API's counters for fleet-wide sums).
+        Ok(self
+            .shared
+            .store
+            .kv_increment(&self.shared.kv_namespace, &key, delta)
+            .await?)
     }
 }
 

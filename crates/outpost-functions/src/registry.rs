@@ -138,7 +138,6 @@ struct Settings {
     max_memory: usize,
     config: Vec<(String, String)>,
     kv_namespace: String,
-    kv_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Every function of the node.
@@ -207,7 +206,6 @@ fn settings_of(name: &str, f: &outpost_config::Function) -> Settings {
             .kv_namespace
             .clone()
             .unwrap_or_else(|| format!("fn.{name}")),
-        kv_lock: Arc::new(tokio::sync::Mutex::new(())),
     }
 }
 
@@ -257,17 +255,10 @@ impl Functions {
     /// keeps the manifest's choice, so a rollback survives restarts.
     pub async fn configure(&self, config: &outpost_config::Config) -> Result<(), FunctionError> {
         let mut manifest = self.manifest.lock().await;
-        let previous = self.settings_snapshot();
         let settings: HashMap<String, Settings> = config
             .functions
             .iter()
-            .map(|(n, f)| {
-                let mut s = settings_of(n, f);
-                if let Some(old) = previous.get(n) {
-                    s.kv_lock = old.kv_lock.clone();
-                }
-                (n.clone(), s)
-            })
+            .map(|(n, f)| (n.clone(), settings_of(n, f)))
             .collect();
         // Work on a copy: nothing changes unless every function is ready.
         let mut next = Manifest {
@@ -570,7 +561,6 @@ impl Functions {
             config: s.config.iter().cloned().collect(),
             store: self.store.clone(),
             kv_namespace: s.kv_namespace.clone(),
-            kv_lock: s.kv_lock.clone(),
         };
         Ok(Deployed {
             name: name.to_owned(),

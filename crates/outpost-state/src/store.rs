@@ -167,6 +167,12 @@ enum Job {
         write: PendingKv,
         reply: oneshot::Sender<Result<Hlc, StoreError>>,
     },
+    KvIncrement {
+        ns: String,
+        key: String,
+        delta: u64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
     Crdt {
         name: String,
         op: Op,
@@ -308,6 +314,24 @@ impl Store {
             ttl: None,
         })
         .await
+    }
+
+    /// Adds `delta` to the decimal counter `ns`/`key` (absent counts as 0) and returns the new
+    /// value once it is on disk. The read and the write happen in the writer's transaction, so
+    /// concurrent increments of a key never lose one, and they share a commit (one fsync for
+    /// a batch) instead of queueing behind each other's. The value is a KV value like any other
+    /// (text, replicated last-writer-wins: for a sum over the fleet use a PN-counter).
+    pub async fn kv_increment(&self, ns: &str, key: &str, delta: u64) -> Result<u64, StoreError> {
+        check_name("namespace", ns, MAX_NAME)?;
+        check_name("key", key, MAX_KEY)?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Job::KvIncrement {
+            ns: ns.into(),
+            key: key.into(),
+            delta,
+            reply,
+        })?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn kv_write(&self, write: PendingKv) -> Result<Hlc, StoreError> {
@@ -795,6 +819,7 @@ struct Writer {
 /// A finished job, answered after the commit.
 enum Done {
     Kv(oneshot::Sender<Result<Hlc, StoreError>>, Hlc),
+    KvIncrement(oneshot::Sender<Result<u64, StoreError>>, u64),
     Crdt(oneshot::Sender<Result<Arc<Crdt>, StoreError>>, String),
     Remote(oneshot::Sender<Result<usize, StoreError>>, usize),
     Published(oneshot::Sender<Result<(), StoreError>>),
@@ -920,6 +945,9 @@ impl Writer {
             Done::Kv(tx, stamp) => {
                 let _ = tx.send(Ok(stamp));
             }
+            Done::KvIncrement(tx, value) => {
+                let _ = tx.send(Ok(value));
+            }
             Done::Crdt(tx, name) => {
                 let obj = self
                     .shared
@@ -954,6 +982,9 @@ fn fail(done: Done, err: StoreError) {
         Done::Kv(tx, _) => {
             let _ = tx.send(Err(err));
         }
+        Done::KvIncrement(tx, _) => {
+            let _ = tx.send(Err(err));
+        }
         Done::Crdt(tx, _) => {
             let _ = tx.send(Err(err));
         }
@@ -979,6 +1010,9 @@ fn fail(done: Done, err: StoreError) {
 fn fail_job(job: Job, err: StoreError) {
     match job {
         Job::Kv { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Job::KvIncrement { reply, .. } => {
             let _ = reply.send(Err(err));
         }
         Job::Crdt { reply, .. } => {
@@ -1049,6 +1083,23 @@ fn apply(
                 ),
             }
         }
+        Job::KvIncrement {
+            ns,
+            key,
+            delta,
+            reply,
+        } => match kv_increment(tx, shared, clock, staged, &ns, &key, delta) {
+            Ok(value) => Done::KvIncrement(reply, value),
+            Err(e) => Done::Failed(
+                Job::KvIncrement {
+                    ns,
+                    key,
+                    delta,
+                    reply,
+                },
+                e,
+            ),
+        },
         Job::Crdt { name, op, reply } => {
             let kind = op.kind();
             let obj = staged.objects.entry(name.clone()).or_insert_with(|| {
@@ -1324,6 +1375,65 @@ fn merge_remote(
 }
 
 /// Last-writer-wins upsert; returns whether the row changed.
+/// The read-modify-write of [`Store::kv_increment`], inside the batch's transaction (which
+/// sees the batch's earlier writes).
+fn kv_increment(
+    tx: &rusqlite::Transaction<'_>,
+    shared: &Shared,
+    clock: &mut HlcClock,
+    staged: &mut Staged,
+    ns: &str,
+    key: &str,
+    delta: u64,
+) -> Result<u64, StoreError> {
+    let current: Option<Vec<u8>> = tx
+        .prepare_cached(
+            "SELECT value FROM kv WHERE ns = ?1 AND key = ?2 AND value IS NOT NULL
+               AND (expires_ms IS NULL OR expires_ms > ?3)",
+        )?
+        .query_row(params![ns, key, now_ms() as i64], |r| r.get(0))
+        .optional()?;
+    let current = match current {
+        None => 0,
+        Some(v) => std::str::from_utf8(&v)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "the value of `{key}` is not a decimal counter; increment only keys that hold one"
+                ))
+            })?,
+    };
+    let value = current.checked_add(delta).ok_or_else(|| {
+        StoreError::Invalid(format!(
+            "counter `{key}` would overflow a 64-bit unsigned value"
+        ))
+    })?;
+    let stamp = clock.now(now_ms());
+    let w = KvWrite {
+        ns: ns.to_owned(),
+        key: key.to_owned(),
+        value: Some(value.to_string().into_bytes()),
+        content_type: None,
+        expires_ms: None,
+        stamp,
+    };
+    if !kv_upsert(tx, &w)? {
+        // The stored value carries a stamp ahead of this node's clock (a replica whose clock
+        // runs ahead, see `HlcClock::observe`): the increment would not stick.
+        return Err(StoreError::Invalid(format!(
+            "counter `{key}` holds a value stamped ahead of this node's clock; check the nodes' clocks (NTP)"
+        )));
+    }
+    if shared.options.replicate {
+        log_change(tx, &Change::Kv(w.clone()))?;
+        staged.logged = true;
+    }
+    staged.last_stamp = Some(stamp);
+    staged.dirty.kv_buckets.insert(kv_bucket(ns, key));
+    Ok(value)
+}
+
 fn kv_upsert(tx: &rusqlite::Transaction<'_>, w: &KvWrite) -> Result<bool, StoreError> {
     let n = tx
         .prepare_cached(

@@ -308,6 +308,66 @@ async fn concurrent_increments_are_all_counted() {
     assert_eq!(value(&s, "n"), serde_json::json!(400));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_kv_increments_each_see_a_distinct_value_and_none_is_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path(), true);
+    let tasks: Vec<_> = (0..300)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.kv_increment("fn.app", "visits", 1).await })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.expect("join").expect("increment"));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=300).collect::<Vec<u64>>());
+    let e = s.kv_get("fn.app", "visits").expect("get").expect("present");
+    assert_eq!(e.value, b"300");
+    // Replicated like any KV write: the last one is queued for the fleet.
+    assert_eq!(s.unpublished_count().expect("backlog"), 300);
+    // And it is on disk.
+    drop(s);
+    let s = open(dir.path(), true);
+    assert_eq!(
+        s.kv_increment("fn.app", "visits", 5).await.expect("incr"),
+        305
+    );
+}
+
+#[tokio::test]
+async fn a_kv_increment_refuses_what_is_not_a_counter_and_overflow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path(), false);
+    s.kv_put("ns", "name", b"alice".to_vec(), None, None)
+        .await
+        .expect("put");
+    let e = s
+        .kv_increment("ns", "name", 1)
+        .await
+        .expect_err("not a counter");
+    assert!(e.is_client_error(), "{e}");
+    assert!(e.to_string().contains("not a decimal counter"), "{e}");
+    assert_eq!(
+        s.kv_get("ns", "name").expect("get").expect("kept").value,
+        b"alice"
+    );
+    s.kv_put("ns", "big", u64::MAX.to_string().into_bytes(), None, None)
+        .await
+        .expect("put");
+    let e = s.kv_increment("ns", "big", 1).await.expect_err("overflow");
+    assert!(e.to_string().contains("overflow"), "{e}");
+    // A failed increment fails only itself: the store keeps writing.
+    assert_eq!(s.kv_increment("ns", "fresh", 7).await.expect("incr"), 7);
+    let e = s
+        .kv_increment("", "k", 1)
+        .await
+        .expect_err("empty namespace");
+    assert!(e.is_client_error(), "{e}");
+}
+
 #[tokio::test]
 async fn local_changes_are_queued_for_the_fleet_only_when_replicating() {
     let dir = tempfile::tempdir().expect("tempdir");
