@@ -84,21 +84,24 @@ ALL_PHASES=(get put incr-hot incr-many)
 PUT_TTL=1h
 
 # --- settings ----------------------------------------------------------------------------
-# csv_list VAR ALLOWED...: the comma-separated values of VAR, each one of ALLOWED.
+# csv_list OUT VAR ALLOWED...: the comma-separated values of VAR, each one of ALLOWED, into the
+# array OUT. Runs in this shell (not in a process substitution), so that bench_die stops the
+# script rather than a subshell.
 csv_list() {
-    local var=$1 v out=()
-    shift
+    local -n csv_out=$1
+    local var=$2 v vals=()
+    shift 2
+    csv_out=()
     IFS=, read -r -a vals <<<"${!var}"
     for v in "${vals[@]}"; do
         [[ -n $v ]] || continue
         [[ " $* " == *" $v "* ]] || bench_die "$var: unknown value '$v' ($*)"
-        out+=("$v")
+        csv_out+=("$v")
     done
-    ((${#out[@]})) || bench_die "$var: nothing to do"
-    printf '%s\n' "${out[@]}"
+    ((${#csv_out[@]})) || bench_die "$var: nothing to do"
 }
-mapfile -t targets < <(csv_list BENCH_TARGETS "${ALL_TARGETS[@]}")
-mapfile -t phases < <(csv_list BENCH_PHASES "${ALL_PHASES[@]}")
+csv_list targets BENCH_TARGETS "${ALL_TARGETS[@]}"
+csv_list phases BENCH_PHASES "${ALL_PHASES[@]}"
 IFS=, read -r -a conns_list <<<"$BENCH_STATE_CONNECTIONS"
 conns=()
 for c in "${conns_list[@]}"; do
