@@ -181,6 +181,11 @@ impl Fleet {
         wasm: &[u8],
         at_ms: u64,
     ) -> Result<(), String> {
+        // Waiting on JetStream requests through a link that is down would hold the deploy
+        // for their timeouts (20 s) only to fail the same way.
+        if self.status.connected.get() != 1 {
+            return Err("the fleet link is down (NATS unreachable)".into());
+        }
         let activation = Activation {
             name: name.to_owned(),
             sha256: sha256.to_owned(),

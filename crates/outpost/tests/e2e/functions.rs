@@ -586,3 +586,40 @@ async fn a_version_deployed_on_one_node_of_a_fleet_runs_on_every_node() {
         .await;
     }
 }
+
+/// With the fleet's NATS unreachable, a deploy still switches the node at once and says that
+/// the fleet did not get it, rather than failing or hanging.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deploy_while_the_fleet_is_unreachable_holds_on_the_node_and_says_so() {
+    let origin = Origin::echo("us-west").await;
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let node = Node::start(
+        &NodeConfig::new()
+            .raw(&format!("[fleet]\nnats = \"nats://127.0.0.1:{port}\"\n"))
+            .raw(&wasm_head())
+            .raw(&function_toml("edge", "hello", ""))
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("edge", "/", "api", "function = \"edge\""),
+    )
+    .await;
+    let hostile = guests().join("hostile.wasm");
+    let started = Instant::now();
+    let out = fn_cli(&node, &["deploy", "edge", hostile.to_str().expect("path")]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("fleet: NOT published"), "{said}");
+    assert!(said.contains("link is down"), "{said}");
+    // Not held for JetStream's request timeouts (20 s) when the link is known to be down.
+    assert!(started.elapsed() < SECS(10), "{:?}", started.elapsed());
+    let r = client().get(node.url("/ok")).send().await.expect("ok");
+    assert_eq!(r.text().await.expect("text"), "ok");
+}
