@@ -360,6 +360,18 @@ fn fn_cli(node: &Node, args: &[&str]) -> std::process::Output {
         .expect("outpost fn runs")
 }
 
+/// Runs `outpost fn ARGS` against `node`, which must succeed; returns what it printed.
+fn fn_ok(node: &Node, args: &[&str]) -> String {
+    let out = fn_cli(node, args);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "outpost fn {args:?}: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deploy_and_rollback_under_load_without_a_failed_request() {
     let origin = Origin::echo("us-west").await;
@@ -537,15 +549,9 @@ async fn a_version_deployed_on_one_node_of_a_fleet_runs_on_every_node() {
     }
 
     let hostile = guests().join("hostile.wasm");
-    let out = fn_cli(
+    let said = fn_ok(
         &nodes[0],
         &["deploy", "edge", hostile.to_str().expect("path")],
-    );
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains("fleet: published"), "{said}");
     assert!(runs(&nodes[0], "ok").await);
@@ -578,13 +584,7 @@ async fn a_version_deployed_on_one_node_of_a_fleet_runs_on_every_node() {
     .await;
 
     // A rollback on any node rolls every node back.
-    let out = fn_cli(&nodes[1], &["rollback", "edge"]);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = fn_ok(&nodes[1], &["rollback", "edge"]);
     assert!(said.contains("fleet: published"), "{said}");
     for n in [&nodes[0], &nodes[1], &late] {
         eventually("every node is back on hello", SECS(30), || {
@@ -616,13 +616,7 @@ async fn a_deploy_while_the_fleet_is_unreachable_holds_on_the_node_and_says_so()
     .await;
     let hostile = guests().join("hostile.wasm");
     let started = Instant::now();
-    let out = fn_cli(&node, &["deploy", "edge", hostile.to_str().expect("path")]);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = fn_ok(&node, &["deploy", "edge", hostile.to_str().expect("path")]);
     assert!(said.contains("fleet: NOT published"), "{said}");
     assert!(said.contains("link is down"), "{said}");
     // Not held for JetStream's request timeouts (20 s) when the link is known to be down.
