@@ -293,6 +293,10 @@ fn cancel(cell: &AtomicU8, abort: &tokio::task::AbortHandle) {
 /// The guest's streamed response body, cut off at the deadline. The body channel also ends
 /// cleanly when the store is dropped (trap, abort), which would make a truncated body look
 /// complete; a guest that did not return normally turns the end into an error instead.
+/// Most a guest may still write, unread, into a body without a declared length that the
+/// client does not receive (the answer to a HEAD request).
+const DRAIN_LIMIT: u64 = 1 << 20;
+
 struct GuardedBody {
     /// `None` only while being dropped.
     inner: Option<HyperOutgoingBody>,
@@ -394,8 +398,8 @@ impl Drop for GuardedBody {
         // declared Content-Length went out, or the answer has no body (HEAD, 204, 304). The
         // guest may still be finishing its body or working after its answer; that is not a
         // client gone away, so it runs on to its return, within its deadline, and what it
-        // still writes (bounded by its Content-Length, which wasmtime enforces) is read and
-        // dropped so that its writes do not fail. Otherwise the client left mid-body: stop
+        // still writes (bounded by its Content-Length, which wasmtime enforces, or by
+        // DRAIN_LIMIT without one) is read and dropped so that its writes do not fail. Otherwise the client left mid-body: stop
         // the guest now rather than at the deadline.
         let delivered = self.bodiless || self.declared == Some(self.sent);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -406,13 +410,24 @@ impl Drop for GuardedBody {
             cancel(&self.cell, &self.abort);
             return;
         }
-        let rest = self.inner.take().filter(|_| self.declared.is_some());
+        let rest = self.inner.take();
+        // What is still read: the rest of the declared length, or for a body nobody receives
+        // and no length bounds (HEAD), up to DRAIN_LIMIT; past that the guest's writes fail.
+        let mut budget = self
+            .declared
+            .map_or(DRAIN_LIMIT, |d| d.saturating_sub(self.sent));
         let deadline = self.deadline.deadline();
         let abort = self.abort.clone();
         rt.spawn(async move {
             let finish = async move {
                 if let Some(mut rest) = rest {
-                    while let Some(Ok(_)) = rest.frame().await {}
+                    while let Some(Ok(frame)) = rest.frame().await {
+                        let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                        if n > budget {
+                            break;
+                        }
+                        budget -= n;
+                    }
                 }
                 let _ = done.await;
             };

@@ -208,9 +208,24 @@ async fn python_function_reads_config_and_keeps_state_in_the_store() {
         assert_eq!(v["country"], "JP", "{v}");
         assert_eq!(v["visits"], n, "{v}");
     }
+    // HEAD: the client gets no body, and the guest still writes one (without a length, then
+    // finishes it); its writes must not fail, so it returns normally.
+    let r = client()
+        .head(node.url("/py/hi"))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(r.status(), 200);
+    let outcome =
+        |o: &str| format!("outpost_function_invocations_total{{function=\"py\",outcome=\"{o}\"}}");
+    eventually("the HEAD invocation counted", SECS(10), || async {
+        node.metric(&outcome("ok")).await + node.metric(&outcome("trap")).await >= 3.0
+    })
+    .await;
+    assert_eq!(node.metric(&outcome("ok")).await, 3.0);
     let (status, v) = node.state("GET", "/state/kv/fn.py/visits", None).await;
     assert_eq!(status, 200);
-    assert_eq!(v, 2, "{v}");
+    assert_eq!(v, 3, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
