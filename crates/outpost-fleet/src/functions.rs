@@ -120,19 +120,22 @@ pub async fn fetch(
 }
 
 /// Hands every activation (the last one per function, then each new one) to `sink` until
-/// `stop`; reopens the watch after errors or reconnects (activations come again then, which
-/// the receiver treats as no-ops when it already runs them).
+/// `stop`; reopens the watch after errors and after every reconnection (`reconnects` ticks),
+/// so the current activations come again then: the receiver treats those it already runs as
+/// no-ops, and one older than a version deployed here while the link was down is its cue to
+/// publish that version.
 pub async fn watch(
     js: jetstream::Context,
     replicas: usize,
     sink: mpsc::Sender<Activation>,
+    reconnects: tokio::sync::watch::Receiver<u64>,
     stop: CancellationToken,
 ) {
     crate::resume(
         "Watch of the fleet's function versions",
         &stop,
         || sink.is_closed(),
-        || watch_once(&js, replicas, &sink, &stop),
+        || watch_once(&js, replicas, &sink, reconnects.clone(), &stop),
     )
     .await;
 }
@@ -141,8 +144,10 @@ async fn watch_once(
     js: &jetstream::Context,
     replicas: usize,
     sink: &mpsc::Sender<Activation>,
+    mut reconnects: tokio::sync::watch::Receiver<u64>,
     stop: &CancellationToken,
 ) -> Result<(), String> {
+    reconnects.mark_unchanged();
     let bucket = active(js, replicas).await?;
     let mut entries = bucket
         .watch_with_history(">")
@@ -151,6 +156,12 @@ async fn watch_once(
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
+            changed = reconnects.changed() => {
+                return match changed {
+                    Ok(()) => Err("reconnected; watching again from the current versions".into()),
+                    Err(_) => Ok(()),
+                };
+            }
             e = tokio::time::timeout(Duration::from_secs(60), entries.next()) => e,
         };
         let entry = match next {

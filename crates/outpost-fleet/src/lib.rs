@@ -152,6 +152,7 @@ impl Fleet {
             js.clone(),
             options.stream_replicas,
             activations,
+            reconnects.clone(),
             stop.clone(),
         ));
         if options.invalidations {

@@ -118,6 +118,7 @@ pub async fn start(
         node,
         fleet.jetstream(),
         replicas,
+        config.node.id.clone(),
     ));
     Ok(Some(fleet))
 }
@@ -129,6 +130,7 @@ async fn apply_activations(
     node: Arc<Node>,
     js: async_nats::jetstream::Context,
     replicas: usize,
+    node_id: String,
 ) {
     while let Some(a) = rx.recv().await {
         let Some(functions) = node.functions() else {
@@ -139,7 +141,7 @@ async fn apply_activations(
             tracing::debug!(function = %a.name, "A fleet function version for a function this node does not declare; ignored.");
             continue;
         }
-        match adopt(functions, &a, &js, replicas).await {
+        match adopt(functions, &a, &js, replicas, &node_id).await {
             Ok(Some(version)) => tracing::info!(
                 function = %a.name,
                 version,
@@ -160,26 +162,38 @@ async fn apply_activations(
 }
 
 /// Makes `a` active here; `None` when there was nothing to do: already active, or the active
-/// version is one deployed on this node's own admin API after `a` was made (a deploy the fleet
-/// may not have heard of, when the link was down: it is kept). Versions from the config or from
-/// the fleet give way: a node that joins runs what the fleet runs.
+/// version is one deployed on this node's own admin API after `a` was made. That is a deploy
+/// the fleet did not hear of (the link was down): it is kept, and published now, so that the
+/// latest deploy wins everywhere. Versions from the config or from the fleet give way: a node
+/// that joins runs what the fleet runs.
 async fn adopt(
     functions: &outpost_functions::Functions,
     a: &Activation,
     js: &async_nats::jetstream::Context,
     replicas: usize,
+    node_id: &str,
 ) -> Result<Option<u32>, String> {
     if let Some(active) = functions.active_version(&a.name).await {
         if active.sha256 == a.sha256 {
             return Ok(None);
         }
         if active.source == "api" && active.deployed_ms > a.at_ms {
+            let wasm = functions
+                .component(&active.sha256)
+                .map_err(|e| e.to_string())?;
+            let mine = Activation {
+                name: a.name.clone(),
+                sha256: active.sha256.clone(),
+                by: node_id.to_owned(),
+                at_ms: active.deployed_ms,
+            };
+            outpost_fleet::functions::publish(js, replicas, &mine, &wasm).await?;
             tracing::info!(
                 function = %a.name,
                 local_version = active.version,
-                sha256 = %a.sha256,
-                by = %a.by,
-                "The fleet's function version is older than the one deployed on this node; keeping the local one."
+                sha256 = %active.sha256,
+                replaced = %a.sha256,
+                "This node's function version, deployed while the fleet link was down, is newer than the fleet's: published."
             );
             return Ok(None);
         }

@@ -519,6 +519,49 @@ fn the_functions_example_config_is_valid() {
     );
 }
 
+/// A fleet node (hub `hub`) whose route `/` is the function `edge`, `hello` from its config.
+fn fleet_fn_node(id: &str, hub: &Nats, origin: &Origin) -> NodeConfig {
+    NodeConfig::new()
+        .id(id)
+        .raw(&format!(
+            "[fleet]\nnats = \"{}\"\njetstream_domain = \"hub\"\n",
+            hub.url()
+        ))
+        .raw(&wasm_head())
+        .raw(&function_toml("edge", "hello", ""))
+        .origin("api", &[(origin, PORTLAND)], "")
+        .route("edge", "/", "api", "function = \"edge\"")
+}
+
+/// Starts the nodes and waits for each one's fleet link.
+async fn start_fn_fleet(configs: &[&NodeConfig]) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for cfg in configs {
+        let n = Node::start(cfg).await;
+        eventually("the fleet link is up", SECS(15), || fleet_link(&n, true)).await;
+        nodes.push(n);
+    }
+    nodes
+}
+
+async fn fleet_link(n: &Node, up: bool) -> bool {
+    n.state("GET", "/state/fleet", None).await.1["fleet"]["connected"] == up
+}
+
+/// Whether `n` runs `guest` on its route: `hostile` answers `/ok` with exactly `ok`, `hello`
+/// with its JSON (which also holds "/ok", as the path: hence the exact match).
+async fn runs(n: &Node, guest: &str) -> bool {
+    let body = match client().get(n.url("/ok")).send().await {
+        Ok(r) if r.status() == 200 => r.text().await.unwrap_or_default(),
+        _ => return false,
+    };
+    match guest {
+        "hostile" => body == "ok",
+        "hello" => body.contains("\"hello\":\"from wasm\""),
+        other => panic!("no such guest here: {other}"),
+    }
+}
+
 /// A function deployed on one node of a fleet runs on every node, a node that joins later runs
 /// it too, and a rollback on any node rolls the fleet back (components in a JetStream object
 /// store, the active version per function in a key-value bucket every node watches).
@@ -526,41 +569,10 @@ fn the_functions_example_config_is_valid() {
 async fn a_version_deployed_on_one_node_of_a_fleet_runs_on_every_node() {
     let hub = Nats::hub();
     let origin = Origin::echo("us-west").await;
-    let config = |id: &str| {
-        NodeConfig::new()
-            .id(id)
-            .raw(&format!(
-                "[fleet]\nnats = \"{}\"\njetstream_domain = \"hub\"\n",
-                hub.url()
-            ))
-            .raw(&wasm_head())
-            .raw(&function_toml("edge", "hello", ""))
-            .origin("api", &[(&origin, PORTLAND)], "")
-            .route("edge", "/", "api", "function = \"edge\"")
-    };
-    let mut nodes = Vec::new();
-    for id in ["edge-1", "edge-2"] {
-        let n = Node::start(&config(id)).await;
-        eventually("the fleet link is up", SECS(15), || async {
-            n.state("GET", "/state/fleet", None).await.1["fleet"]["connected"] == true
-        })
-        .await;
-        nodes.push(n);
-    }
-    let c = client();
-    // hello answers JSON "from wasm"; hostile's /ok answers "ok".
-    let runs = |n: &Node, want: &'static str| {
-        let url = n.url("/ok");
-        let c = c.clone();
-        async move {
-            match c.get(url).send().await {
-                Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t.contains(want)),
-                _ => false,
-            }
-        }
-    };
+    let config = |id: &str| fleet_fn_node(id, &hub, &origin);
+    let nodes = start_fn_fleet(&[&config("edge-1"), &config("edge-2")]).await;
     for n in &nodes {
-        assert!(runs(n, "from wasm").await);
+        assert!(runs(n, "hello").await);
     }
 
     let hostile = guests().join("hostile.wasm");
@@ -569,10 +581,10 @@ async fn a_version_deployed_on_one_node_of_a_fleet_runs_on_every_node() {
         &["deploy", "edge", hostile.to_str().expect("path")],
     );
     assert!(said.contains("fleet: published"), "{said}");
-    assert!(runs(&nodes[0], "ok").await);
+    assert!(runs(&nodes[0], "hostile").await);
     let deployed = Instant::now();
     eventually("edge-2 runs what edge-1 deployed", SECS(30), || {
-        runs(&nodes[1], "ok")
+        runs(&nodes[1], "hostile")
     })
     .await;
     // A figure for the record (not a timed assertion): upload to the object store, the
@@ -594,7 +606,7 @@ async fn a_version_deployed_on_one_node_of_a_fleet_runs_on_every_node() {
     eventually(
         "edge-3 catches up with the fleet's version",
         SECS(30),
-        || runs(&late, "ok"),
+        || runs(&late, "hostile"),
     )
     .await;
 
@@ -602,10 +614,7 @@ async fn a_version_deployed_on_one_node_of_a_fleet_runs_on_every_node() {
     let said = fn_ok(&nodes[1], &["rollback", "edge"]);
     assert!(said.contains("fleet: published"), "{said}");
     for n in [&nodes[0], &nodes[1], &late] {
-        eventually("every node is back on hello", SECS(30), || {
-            runs(n, "from wasm")
-        })
-        .await;
+        eventually("every node is back on hello", SECS(30), || runs(n, "hello")).await;
     }
 }
 
@@ -638,4 +647,48 @@ async fn a_deploy_while_the_fleet_is_unreachable_holds_on_the_node_and_says_so()
     assert!(started.elapsed() < SECS(10), "{:?}", started.elapsed());
     let r = client().get(node.url("/ok")).send().await.expect("ok");
     assert_eq!(r.text().await.expect("text"), "ok");
+}
+
+/// A deploy made while the backbone is down holds on its node; once the link is back it is
+/// newer than the fleet's version, so the node publishes it and every node runs it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deploy_made_while_the_backbone_was_down_wins_once_it_returns() {
+    let mut hub = Nats::hub();
+    let origin = Origin::echo("us-west").await;
+    let nodes = start_fn_fleet(&[
+        &fleet_fn_node("edge-1", &hub, &origin),
+        &fleet_fn_node("edge-2", &hub, &origin),
+    ])
+    .await;
+    let hostile = guests().join("hostile.wasm");
+    let said = fn_ok(
+        &nodes[0],
+        &["deploy", "edge", hostile.to_str().expect("path")],
+    );
+    assert!(said.contains("fleet: published"), "{said}");
+    eventually("edge-2 runs the fleet's version", SECS(30), || {
+        runs(&nodes[1], "hostile")
+    })
+    .await;
+
+    hub.kill();
+    eventually("edge-2 sees the link down", SECS(15), || {
+        fleet_link(&nodes[1], false)
+    })
+    .await;
+    let hello = guests().join("hello.wasm");
+    let said = fn_ok(
+        &nodes[1],
+        &["deploy", "edge", hello.to_str().expect("path")],
+    );
+    assert!(said.contains("fleet: NOT published"), "{said}");
+    assert!(runs(&nodes[1], "hello").await);
+    assert!(runs(&nodes[0], "hostile").await, "edge-1 cannot know yet");
+
+    hub.start();
+    eventually("edge-1 runs what edge-2 deployed offline", SECS(30), || {
+        runs(&nodes[0], "hello")
+    })
+    .await;
+    assert!(runs(&nodes[1], "hello").await);
 }
