@@ -105,7 +105,8 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum FnSub {
     /// Compile and validate a component, keep it as the function's next version and switch
-    /// new requests to it; an invalid component is refused and the active version stays.
+    /// new requests to it; an invalid component is refused and the active version stays. On a
+    /// node with `[fleet]`, every node of the fleet switches to it too.
     Deploy {
         /// Function name (a `[functions.NAME]` table of the config).
         name: String,
@@ -118,7 +119,8 @@ enum FnSub {
         #[arg(long, value_enum, default_value = "table")]
         format: functions_api::ListFormat,
     },
-    /// Switch back to VERSION, or to the newest version older than the active one.
+    /// Switch back to VERSION, or to the newest version older than the active one (fleet-wide
+    /// on a node with `[fleet]`).
     Rollback {
         /// Function name.
         name: String,
