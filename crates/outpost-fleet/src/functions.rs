@@ -52,19 +52,17 @@ async fn objects(
 }
 
 async fn active(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, String> {
-    match js.get_key_value(ACTIVE).await {
-        Ok(store) => Ok(store),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: ACTIVE.into(),
-                description: "Outpost active function versions, by function name".into(),
-                history: 16,
-                num_replicas: replicas.max(1),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("cannot open the active-versions bucket: {e}")),
-    }
+    crate::open_kv(
+        js,
+        kv::Config {
+            bucket: ACTIVE.into(),
+            description: "Outpost active function versions, by function name".into(),
+            history: 16,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// Uploads `wasm` (unless the store has it already) and makes it the fleet's active version of

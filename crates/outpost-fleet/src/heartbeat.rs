@@ -88,20 +88,18 @@ pub type HeartbeatSource = Arc<dyn Fn() -> Heartbeat + Send + Sync>;
 
 /// Opens (creating if needed) the heartbeat bucket; entries live three intervals.
 pub async fn bucket(js: &jetstream::Context, interval: Duration) -> Result<kv::Store, String> {
-    match js.get_key_value(BUCKET).await {
-        Ok(store) => Ok(store),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.into(),
-                description: "Outpost node heartbeats (entries expire)".into(),
-                history: 1,
-                max_age: interval * 3,
-                storage: jetstream::stream::StorageType::Memory,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string()),
-    }
+    crate::open_kv(
+        js,
+        kv::Config {
+            bucket: BUCKET.into(),
+            description: "Outpost node heartbeats (entries expire)".into(),
+            history: 1,
+            max_age: interval * 3,
+            storage: jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// Puts this node's heartbeat every `interval` until `stop`.

@@ -268,6 +268,23 @@ pub(crate) async fn resume<F, Fut>(
     }
 }
 
+/// Opens the key-value bucket `config.bucket`, creating it with `config` when it does not exist
+/// yet (the first node of a fleet creates what the others then find).
+pub(crate) async fn open_kv(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::kv::Config,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    match js.get_key_value(config.bucket.as_str()).await {
+        Ok(store) => Ok(store),
+        Err(_) => {
+            let bucket = config.bucket.clone();
+            js.create_key_value(config)
+                .await
+                .map_err(|e| format!("cannot open the key-value bucket {bucket}: {e}"))
+        }
+    }
+}
+
 /// Exponential backoff with full jitter, capped, for reconnect-style retries.
 pub(crate) fn backoff(attempt: u32) -> Duration {
     let cap = Duration::from_secs(5);

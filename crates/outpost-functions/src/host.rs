@@ -190,17 +190,33 @@ impl http_body::Body for FinishOnDrop {
 
 impl Drop for FinishOnDrop {
     fn drop(&mut self) {
-        let Some(mut rest) = self.inner.take() else {
+        let Some(rest) = self.inner.take() else {
             return;
         };
         if self.ended || rest.is_end_stream() || self.declared != Some(self.sent) {
             return;
         }
-        // Bounded: the guest cannot write past its Content-Length, and its store (the other end
-        // of this body) is dropped when the function ends or runs out of time.
+        // Every declared byte went out: nothing but the guest's finish (trailers at most) may
+        // follow. The store (the other end) is dropped when the function ends or times out.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { while let Some(Ok(_)) = rest.frame().await {} });
+            rt.spawn(drain(rest, 0));
         }
+    }
+}
+
+/// Reads what a guest still writes into a body hyper stopped reading, so that its writes and
+/// `finish` succeed, and drops it: up to `budget` data bytes, past which the body is dropped
+/// and the guest's next write fails. Ends with the body (the guest finished or is gone).
+pub(crate) async fn drain<B>(mut body: B, mut budget: u64)
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+{
+    while let Some(Ok(frame)) = body.frame().await {
+        let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+        if n > budget {
+            return;
+        }
+        budget -= n;
     }
 }
 

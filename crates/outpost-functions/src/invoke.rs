@@ -413,21 +413,15 @@ impl Drop for GuardedBody {
         let rest = self.inner.take();
         // What is still read: the rest of the declared length, or for a body nobody receives
         // and no length bounds (HEAD), up to DRAIN_LIMIT; past that the guest's writes fail.
-        let mut budget = self
+        let budget = self
             .declared
             .map_or(DRAIN_LIMIT, |d| d.saturating_sub(self.sent));
         let deadline = self.deadline.deadline();
         let abort = self.abort.clone();
         rt.spawn(async move {
             let finish = async move {
-                if let Some(mut rest) = rest {
-                    while let Some(Ok(frame)) = rest.frame().await {
-                        let n = frame.data_ref().map_or(0, |d| d.len() as u64);
-                        if n > budget {
-                            break;
-                        }
-                        budget -= n;
-                    }
+                if let Some(rest) = rest {
+                    crate::host::drain(rest, budget).await;
                 }
                 let _ = done.await;
             };
