@@ -33,12 +33,11 @@ fuzz_target!(|data: &[u8]| {
         ..ClientLocation::default()
     };
     let locator = Locator::new(&cfg, GeoPoint { lat: 0.0, lon: 0.0 });
-    let conn = ConnInfo {
-        peer: "127.0.0.1:1".parse().expect("static addr"),
-        scheme: Scheme::Http,
-    };
+    let conn = ConnInfo::new("127.0.0.1:1".parse().expect("static addr"), Scheme::Http);
     let ctx = RequestContext::new(&conn, &headers, &locator);
-    assert!(TraceContext::parse(&ctx.trace.header_value()).is_some());
+    let traceparent = ctx.trace.header_value();
+    assert!(TraceContext::parse(traceparent.to_str().expect("ascii")).is_some());
+    assert!(ctx.request_id.header().to_str().is_ok());
 
     let text = String::from_utf8_lossy(data);
     let (host, path) = text.split_once('/').unwrap_or((&text, ""));

@@ -6,7 +6,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::HeaderMap;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
 
 use crate::geo::{Location, Locator};
 
@@ -36,13 +37,80 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Whether the listener is TLS.
     pub scheme: Scheme,
+    /// The peer's IP as a header value (`X-Forwarded-For`), made once per connection.
+    pub peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    /// The facts of a new connection.
+    pub fn new(peer: SocketAddr, scheme: Scheme) -> ConnInfo {
+        let ip = peer.ip().to_string();
+        ConnInfo {
+            peer,
+            scheme,
+            peer_ip: shared_value(ip.into_bytes()).unwrap_or(HeaderValue::from_static("")),
+        }
+    }
+}
+
+/// A header value whose clones share its one allocation. `HeaderValue::from_str` copies into
+/// a buffer whose first clone allocates again; values sent to the origin and back to the
+/// client are cloned on every request.
+pub(crate) fn shared_value<T>(bytes: T) -> Option<HeaderValue>
+where
+    T: AsRef<[u8]> + Send + 'static,
+{
+    HeaderValue::from_maybe_shared(Bytes::from_owner(bytes)).ok()
+}
+
+/// A request's correlation id: visible ASCII, kept as the header value it is sent as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        // Only visible ASCII is ever stored (checked or generated), so this never fails.
+        self.0.to_str().unwrap_or("")
+    }
+
+    /// The `X-Request-Id` value (a clone shares the bytes).
+    pub fn header(&self) -> HeaderValue {
+        self.0.clone()
+    }
+
+    /// A fresh 128-bit random id, as 32 lowercase hex digits.
+    pub fn generate() -> RequestId {
+        let mut digits = [0u8; 32];
+        hex_into(&fastrand::u128(..).to_be_bytes(), &mut digits);
+        RequestId(shared_value(digits).unwrap_or(HeaderValue::from_static("")))
+    }
+
+    /// A client's id, if it is one this node would send on (visible ASCII, 1..=200 bytes).
+    fn accept(v: &HeaderValue) -> Option<RequestId> {
+        let s = v.to_str().ok()?;
+        is_valid_request_id(s).then(|| RequestId(v.clone()))
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Per-request context threaded through the stages.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     /// Correlation id sent to the origin and back to the client.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// W3C trace context for this hop.
     pub trace: TraceContext,
     /// Whether the TCP peer is a trusted proxy.
@@ -62,10 +130,8 @@ impl RequestContext {
         let request_id = peer_trusted
             .then(|| headers.get("x-request-id"))
             .flatten()
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| is_valid_request_id(v))
-            .map(str::to_owned)
-            .unwrap_or_else(new_request_id);
+            .and_then(RequestId::accept)
+            .unwrap_or_else(RequestId::generate);
         let trace = headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
@@ -86,29 +152,30 @@ fn is_valid_request_id(v: &str) -> bool {
     !v.is_empty() && v.len() <= 200 && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// A fresh 128-bit random request id, as 32 lowercase hex digits.
-pub fn new_request_id() -> String {
-    hex(&fastrand::u128(..).to_be_bytes())
-}
-
-/// Lowercase hex; a table lookup, since ids are made on every request.
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes` into `out` (twice as long); a table lookup, since ids are made on
+/// every request.
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
     }
-    s
 }
 
-/// W3C Trace Context (`traceparent`) for one hop.
+fn hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// W3C Trace Context (`traceparent`) for one hop. Ids are kept as numbers and written out
+/// only where they are sent or logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceContext {
-    /// 32 lowercase hex digits, never all zero.
-    pub trace_id: String,
-    /// This hop's span id: 16 lowercase hex digits, never all zero.
-    pub span_id: String,
+    /// The trace id, never zero.
+    trace_id: u128,
+    /// This hop's span id, never zero.
+    span_id: u64,
     /// Trace flags (bit 0: sampled).
     pub flags: u8,
 }
@@ -142,8 +209,8 @@ impl TraceContext {
             return None;
         }
         Some(TraceContext {
-            trace_id: trace_id.to_owned(),
-            span_id: parent_id.to_owned(),
+            trace_id: u128::from_str_radix(trace_id, 16).ok()?,
+            span_id: u64::from_str_radix(parent_id, 16).ok()?,
             flags: u8::from_str_radix(flags, 16).ok()?,
         })
     }
@@ -151,8 +218,8 @@ impl TraceContext {
     /// A new trace with this node as root (sampled).
     pub fn new_root() -> TraceContext {
         TraceContext {
-            trace_id: hex(&nonzero_u128().to_be_bytes()),
-            span_id: new_span_id(),
+            trace_id: fastrand::u128(1..),
+            span_id: fastrand::u64(1..),
             flags: 1,
         }
     }
@@ -160,24 +227,31 @@ impl TraceContext {
     /// This hop's context: same trace and flags, a new span id.
     pub fn child(&self) -> TraceContext {
         TraceContext {
-            trace_id: self.trace_id.clone(),
-            span_id: new_span_id(),
+            trace_id: self.trace_id,
+            span_id: fastrand::u64(1..),
             flags: self.flags & 0x01,
         }
     }
 
-    /// The `traceparent` header value to send to the origin.
-    pub fn header_value(&self) -> String {
-        format!("00-{}-{}-{:02x}", self.trace_id, self.span_id, self.flags)
+    /// The trace id: 32 lowercase hex digits.
+    pub fn trace_id(&self) -> String {
+        hex(&self.trace_id.to_be_bytes())
     }
-}
 
-fn nonzero_u128() -> u128 {
-    fastrand::u128(1..)
-}
+    /// This hop's span id: 16 lowercase hex digits.
+    pub fn span_id(&self) -> String {
+        hex(&self.span_id.to_be_bytes())
+    }
 
-fn new_span_id() -> String {
-    hex(&fastrand::u64(1..).to_be_bytes())
+    /// The `traceparent` header value to send to the origin (`00-trace-span-flags`).
+    pub fn header_value(&self) -> HeaderValue {
+        let mut v = [b'-'; 55];
+        v[..2].copy_from_slice(b"00");
+        hex_into(&self.trace_id.to_be_bytes(), &mut v[3..35]);
+        hex_into(&self.span_id.to_be_bytes(), &mut v[36..52]);
+        hex_into(&[self.flags], &mut v[53..55]);
+        shared_value(v).unwrap_or(HeaderValue::from_static(""))
+    }
 }
 
 #[cfg(test)]
@@ -190,10 +264,19 @@ mod tests {
         let parent = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
             .expect("valid");
         let child = parent.child();
-        assert_eq!(child.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_ne!(child.span_id, parent.span_id);
-        assert!(child.header_value().ends_with("-01"));
-        assert_eq!(child.header_value().len(), 55);
+        assert_eq!(child.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(parent.span_id(), "00f067aa0ba902b7");
+        assert_ne!(child.span_id(), parent.span_id());
+        let header = child.header_value();
+        let header = header.to_str().expect("ascii");
+        assert_eq!(
+            header,
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", child.span_id())
+        );
+        assert_eq!(
+            TraceContext::parse(header).map(|t| t.trace_id),
+            Some(child.trace_id)
+        );
     }
 
     #[test]
@@ -219,10 +302,19 @@ mod tests {
     #[test]
     fn generated_ids_are_well_formed() {
         let root = TraceContext::new_root();
-        assert!(TraceContext::parse(&root.header_value()).is_some());
-        let id = new_request_id();
+        let header = root.header_value();
+        assert_eq!(
+            TraceContext::parse(header.to_str().expect("ascii")),
+            Some(root)
+        );
+        let id = RequestId::generate();
         assert_eq!(id.len(), 32);
-        assert_ne!(id, new_request_id());
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert_ne!(id, RequestId::generate());
+        assert_eq!(id.header().to_str().ok(), Some(id.as_str()));
     }
 
     proptest! {

@@ -54,11 +54,11 @@ fn strip_matching(headers: &mut HeaderMap, extra: impl Fn(&HeaderName) -> bool) 
 /// What the request filter needs to know besides the headers.
 pub struct ForwardInfo<'a> {
     /// Host the client asked for (Host header or `:authority`).
-    pub host: Option<&'a str>,
+    pub host: Option<&'a HeaderValue>,
     /// Listener scheme.
     pub scheme: Scheme,
-    /// The TCP peer's address as text.
-    pub peer_ip: &'a str,
+    /// The TCP peer's address.
+    pub peer_ip: &'a HeaderValue,
     /// The stripped prefix, when the route strips one.
     pub stripped_prefix: Option<&'a str>,
     /// `Via` entry of this hop (`1.1 tokyo-1`).
@@ -117,21 +117,25 @@ pub fn strip_request(
 /// `Via`, `X-Request-Id` and `traceparent`. Runs only for requests that go to an origin.
 pub fn add_forwarding(headers: &mut HeaderMap, ctx: &RequestContext, info: &ForwardInfo<'_>) {
     // X-Forwarded-For: a trusted proxy's chain is extended, anyone else's is replaced.
-    let xff = if ctx.peer_trusted {
-        let prior: Vec<&str> = headers
+    let prior: Vec<&str> = if ctx.peer_trusted {
+        headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .collect();
-        if prior.is_empty() {
-            info.peer_ip.to_owned()
-        } else {
-            format!("{}, {}", prior.join(", "), info.peer_ip)
-        }
+            .collect()
     } else {
-        info.peer_ip.to_owned()
+        Vec::new()
     };
-    set(headers, X_FORWARDED_FOR, &xff);
+    if prior.is_empty() {
+        headers.insert(X_FORWARDED_FOR, info.peer_ip.clone());
+    } else {
+        let chain = format!(
+            "{}, {}",
+            prior.join(", "),
+            info.peer_ip.to_str().unwrap_or("")
+        );
+        set(headers, X_FORWARDED_FOR, &chain);
+    }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(
             X_FORWARDED_PROTO,
@@ -140,11 +144,11 @@ pub fn add_forwarding(headers: &mut HeaderMap, ctx: &RequestContext, info: &Forw
     }
     if let Some(host) = info.host {
         if !headers.contains_key(&X_FORWARDED_HOST) {
-            set(headers, X_FORWARDED_HOST, host);
+            headers.insert(X_FORWARDED_HOST, host.clone());
         }
         // HTTP/2 clients send :authority instead of Host; the origin needs a Host.
         if !headers.contains_key(header::HOST) {
-            set(headers, header::HOST, host);
+            headers.insert(header::HOST, host.clone());
         }
     }
     if let Some(prefix) = info.stripped_prefix {
@@ -159,8 +163,8 @@ pub fn add_forwarding(headers: &mut HeaderMap, ctx: &RequestContext, info: &Forw
         }
     }
     headers.append(header::VIA, info.via.clone());
-    set(headers, X_REQUEST_ID, &ctx.request_id);
-    set(headers, TRACEPARENT, &ctx.trace.header_value());
+    headers.insert(X_REQUEST_ID, ctx.request_id.header());
+    headers.insert(TRACEPARENT, ctx.trace.header_value());
 }
 
 /// Headers only this node may set; a client must never be able to fake them.
@@ -181,34 +185,80 @@ pub fn response_headers(
     headers: &mut HeaderMap,
     via: &HeaderValue,
     node_id: &HeaderValue,
-    request_id: &str,
+    request_id: &HeaderValue,
     timings: &Timings,
 ) {
     strip_hop_by_hop(headers);
     headers.append(header::VIA, via.clone());
     headers.insert(X_SERVED_BY, node_id.clone());
-    set(headers, X_REQUEST_ID, request_id);
-    let timing = match timings.origin_ms {
-        Some(o) => format!(
-            "edge;dur={}, origin;dur={}",
-            Millis(timings.edge_ms),
-            Millis(o)
-        ),
-        None => format!("edge;dur={}", Millis(timings.edge_ms)),
-    };
-    if let Ok(v) = HeaderValue::from_str(&timing) {
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    let mut timing = Text::<64>::default();
+    timing.push(b"edge;dur=");
+    timing.millis(timings.edge_ms);
+    if let Some(o) = timings.origin_ms {
+        timing.push(b", origin;dur=");
+        timing.millis(o);
+    }
+    if let Ok(v) = HeaderValue::from_bytes(timing.as_bytes()) {
         headers.append(SERVER_TIMING, v);
     }
 }
 
-/// Milliseconds with three decimals, formatted with integer arithmetic (float formatting is
-/// measurably slow on a per-request path).
-struct Millis(f64);
+/// A short header value written on the stack: `format!` would allocate and grow a `String`
+/// on every request, and then `HeaderValue` copies it again.
+struct Text<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
 
-impl std::fmt::Display for Millis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let micros = (self.0.max(0.0) * 1000.0).round() as u64;
-        write!(f, "{}.{:03}", micros / 1000, micros % 1000)
+impl<const N: usize> Default for Text<N> {
+    fn default() -> Self {
+        Text {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+}
+
+impl<const N: usize> Text<N> {
+    /// Appends what fits.
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(N - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    /// Milliseconds with three decimals, with integer arithmetic (float formatting is
+    /// measurably slow on a per-request path).
+    fn millis(&mut self, ms: f64) {
+        // Saturates for absurd values; durations here are far below u64::MAX µs.
+        let micros = (ms.max(0.0) * 1000.0).round() as u64;
+        self.int(micros / 1000);
+        let frac = micros % 1000;
+        self.push(&[
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]);
+    }
+
+    fn int(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -248,10 +298,7 @@ mod tests {
             ..ClientLocation::default()
         };
         let locator = Locator::new(&cfg, GeoPoint { lat: 0.0, lon: 0.0 });
-        let conn = ConnInfo {
-            peer: "127.0.0.1:5000".parse().expect("addr"),
-            scheme: Scheme::Http,
-        };
+        let conn = ConnInfo::new("127.0.0.1:5000".parse().expect("addr"), Scheme::Http);
         (
             RequestContext::new(&conn, &HeaderMap::new(), &locator),
             locator,
@@ -294,9 +341,9 @@ mod tests {
         ]);
         let via = HeaderValue::from_static("1.1 edge");
         let info = ForwardInfo {
-            host: Some("shop.test"),
+            host: Some(&HeaderValue::from_static("shop.test")),
             scheme: Scheme::Http,
-            peer_ip: "127.0.0.1",
+            peer_ip: &HeaderValue::from_static("127.0.0.1"),
             stripped_prefix: Some("/api"),
             via: &via,
         };
@@ -325,7 +372,7 @@ mod tests {
         let info = ForwardInfo {
             host: None,
             scheme: Scheme::Http,
-            peer_ip: "127.0.0.1",
+            peer_ip: &HeaderValue::from_static("127.0.0.1"),
             stripped_prefix: None,
             via: &via,
         };
@@ -347,7 +394,7 @@ mod tests {
             &mut h,
             &HeaderValue::from_static("1.1 edge"),
             &HeaderValue::from_static("edge"),
-            "rid",
+            &HeaderValue::from_static("rid"),
             &Timings {
                 edge_ms: 0.5,
                 origin_ms: Some(12.25),
@@ -355,6 +402,24 @@ mod tests {
         );
         assert!(!h.contains_key("connection"));
         assert_eq!(h["x-served-by"], "edge");
+        assert_eq!(h["x-request-id"], "rid");
         assert_eq!(h["server-timing"], "edge;dur=0.500, origin;dur=12.250");
+    }
+
+    #[test]
+    fn server_timing_millis_are_exact_to_the_microsecond() {
+        for (ms, text) in [
+            (0.0, "0.000"),
+            (0.0004, "0.000"),
+            (0.0005, "0.001"),
+            (1.5, "1.500"),
+            (-3.0, "0.000"),
+            (12_345.678_9, "12345.679"),
+            (1e30, "18446744073709551.615"),
+        ] {
+            let mut t = Text::<64>::default();
+            t.millis(ms);
+            assert_eq!(std::str::from_utf8(t.as_bytes()), Ok(text), "{ms}");
+        }
     }
 }

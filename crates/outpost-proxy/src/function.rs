@@ -52,13 +52,8 @@ pub(crate) async fn run(
         .ok_or_else(|| ProxyError::FunctionUnavailable(name.to_owned()))?;
 
     // What the guest may trust: set here, after every client copy was stripped.
-    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-        headers.insert(X_REQUEST_ID, v);
-    }
-    headers.insert(
-        TRACEPARENT,
-        HeaderValue::from_str(&ctx.trace.header_value()).unwrap_or(HeaderValue::from_static("")),
-    );
+    headers.insert(X_REQUEST_ID, ctx.request_id.header());
+    headers.insert(TRACEPARENT, ctx.trace.header_value());
     let loc = &ctx.location;
     if let Some(c) = &loc.country {
         set(&mut headers, fh::GEO_COUNTRY, c);
@@ -85,7 +80,10 @@ pub(crate) async fn run(
         );
     }
 
-    let host = hop.host.clone().or_else(|| uri.host().map(str::to_owned));
+    let host = hop
+        .host()
+        .map(str::to_owned)
+        .or_else(|| uri.host().map(str::to_owned));
     let target = match &host {
         Some(h) => format!("http://{h}{path_and_query}"),
         None => path_and_query,

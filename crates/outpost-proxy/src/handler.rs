@@ -27,7 +27,7 @@ use outpost_telemetry::access::{self, AccessRecord};
 use outpost_telemetry::metrics::RouteMetrics;
 
 use crate::body::{LimitedBody, ObservedBody, ProxyBody, ReplayableBody, boxed, empty};
-use crate::context::{ConnInfo, RequestContext};
+use crate::context::{ConnInfo, RequestContext, RequestId};
 use crate::error::{ErrorSource, ProxyError};
 use crate::filters::{self, ForwardInfo, Timings};
 use crate::node::{Node, Rejection, RouteCache, RouteRuntime, Snapshot, VARIANT_HEADER};
@@ -40,7 +40,7 @@ pub(crate) struct Forwarded {
     /// Time to the origin's response head, when the origin was asked.
     pub(crate) origin_ms: Option<f64>,
     /// Region of the endpoint that answered, when one did.
-    pub(crate) region: Option<String>,
+    pub(crate) region: Option<Arc<str>>,
     /// What the cache stage did, on cached routes.
     pub(crate) cache: Option<CacheOutcome>,
 }
@@ -49,7 +49,7 @@ pub(crate) struct Forwarded {
 #[derive(Debug, Clone)]
 pub(crate) struct OriginInfo {
     pub(crate) origin_ms: f64,
-    pub(crate) region: String,
+    pub(crate) region: Arc<str>,
 }
 
 /// Handles one request end to end. Never fails: every error becomes a response.
@@ -69,7 +69,7 @@ pub async fn handle(
         version: req.version(),
         client_ip: ctx.client_ip,
         request_id: ctx.request_id.clone(),
-        trace_id: ctx.trace.trace_id.clone(),
+        trace_id: ctx.trace.trace_id(),
         route: String::new(),
         origin_region: None,
         origin_ms: None,
@@ -95,7 +95,7 @@ pub async fn handle(
         resp.headers_mut(),
         &via,
         &snap.node_id,
-        &ctx.request_id,
+        &ctx.request_id.header(),
         &Timings {
             edge_ms: (total_ms - origin_ms.unwrap_or(0.0)).max(0.0),
             origin_ms,
@@ -123,10 +123,10 @@ struct AccessInfo {
     path: String,
     version: Version,
     client_ip: IpAddr,
-    request_id: String,
+    request_id: RequestId,
     trace_id: String,
     route: String,
-    origin_region: Option<String>,
+    origin_region: Option<Arc<str>>,
     origin_ms: Option<f64>,
     cache: Option<&'static str>,
 }
@@ -192,6 +192,18 @@ fn request_host<'a>(uri: &'a http::Uri, headers: &'a http::HeaderMap) -> Option<
     uri.authority()
         .map(|a| a.as_str())
         .or_else(|| headers.get(header::HOST)?.to_str().ok())
+}
+
+/// [`request_host`] as a header value to forward: the client's own `Host` value (a clone
+/// shares its bytes) or, for `:authority`, a copy.
+fn request_host_value(uri: &http::Uri, headers: &http::HeaderMap) -> Option<HeaderValue> {
+    match uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => headers
+            .get(header::HOST)
+            .filter(|v| v.to_str().is_ok())
+            .cloned(),
+    }
 }
 
 /// Dot segments would let `/public/../admin` match the `/public` route and reach `/admin`.
@@ -395,7 +407,7 @@ fn identity_claims(
     use serde_json::{Value, json};
     let mut c = serde_json::Map::new();
     c.insert("node".into(), snap.config.node.id.clone().into());
-    c.insert("rid".into(), ctx.request_id.clone().into());
+    c.insert("rid".into(), ctx.request_id.as_str().into());
     if let Some(p) = principal {
         if let Some(sub) = &p.sub {
             c.insert("sub".into(), sub.clone().into());
@@ -470,7 +482,7 @@ async fn forward(
     }
 
     let (parts, body) = req.into_parts();
-    let host = request_host(&parts.uri, &parts.headers).map(str::to_owned);
+    let host = request_host_value(&parts.uri, &parts.headers);
     let original_path = parts.uri.path();
     let new_path = if route.strip_prefix {
         strip_prefix(&route.prefix, original_path)
@@ -497,7 +509,7 @@ async fn forward(
     let hop = Hop {
         host,
         scheme: conn.scheme,
-        peer: conn.peer.ip(),
+        peer_ip: conn.peer_ip.clone(),
         stripped_prefix: route.strip_prefix.then(|| route.prefix.clone()),
         via: via.clone(),
         identity: route.forward_identity.then(|| Identity {
@@ -561,7 +573,7 @@ async fn forward(
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned();
-    let host = hop.host.clone().unwrap_or_default();
+    let host = hop.host().unwrap_or_default().to_owned();
     let cacheable = parts.method == Method::GET || parts.method == Method::HEAD;
     if cacheable && body.is_end_stream() {
         let upstream = Arc::new(OriginFetch {
@@ -698,7 +710,7 @@ async fn keep_or_forward(
                     let client_pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
                     node.cache().invalidate(
                         &rc.policy.key,
-                        hop.host.as_deref().unwrap_or(""),
+                        hop.host().unwrap_or(""),
                         client_pq,
                         f.response.headers(),
                     );
@@ -724,7 +736,7 @@ async fn keep_or_forward(
             .as_ref()
             .map(|i| serde_json::Value::Object(i.claims.clone()).to_string()),
         client_url: Some((
-            hop.host.clone().unwrap_or_default(),
+            hop.host().unwrap_or_default().to_owned(),
             uri.path_and_query()
                 .map_or("/", |pq| pq.as_str())
                 .to_owned(),
@@ -792,9 +804,10 @@ async fn bypass(
 /// after the lookup (a hit never needs them).
 #[derive(Clone)]
 pub(crate) struct Hop {
-    pub(crate) host: Option<String>,
+    /// The host the client asked for, as sent in `X-Forwarded-Host` (and `Host` to h2 clients).
+    host: Option<HeaderValue>,
     scheme: crate::context::Scheme,
-    peer: IpAddr,
+    peer_ip: HeaderValue,
     stripped_prefix: Option<String>,
     via: HeaderValue,
     /// Set on routes that forward a signed identity.
@@ -810,6 +823,11 @@ struct Identity {
 }
 
 impl Hop {
+    /// The host the client asked for.
+    pub(crate) fn host(&self) -> Option<&str> {
+        self.host.as_ref().and_then(|h| h.to_str().ok())
+    }
+
     pub(crate) fn add_forwarding(&self, headers: &mut HeaderMap, ctx: &RequestContext) {
         self.add_identity(headers);
         self.add_plain_forwarding(headers, ctx);
@@ -827,14 +845,13 @@ impl Hop {
 
     /// `X-Forwarded-*`, `Via`, request id and trace context.
     fn add_plain_forwarding(&self, headers: &mut HeaderMap, ctx: &RequestContext) {
-        let peer_ip = self.peer.to_string();
         filters::add_forwarding(
             headers,
             ctx,
             &ForwardInfo {
-                host: self.host.as_deref(),
+                host: self.host.as_ref(),
                 scheme: self.scheme,
-                peer_ip: &peer_ip,
+                peer_ip: &self.peer_ip,
                 stripped_prefix: self.stripped_prefix.as_deref(),
                 via: &self.via,
             },
@@ -922,7 +939,7 @@ pub(crate) async fn send_to_origin(
     };
     let mut candidates = group.nearest_available(at);
     if !route.residency.is_empty() {
-        candidates.retain(|e| route.residency.contains(&e.region));
+        candidates.retain(|e| route.residency.iter().any(|r| **r == *e.region));
         if candidates.is_empty() {
             return Err(ProxyError::NoResidentEndpoint {
                 group: group.name.clone(),
@@ -964,12 +981,11 @@ pub(crate) async fn send_to_origin(
         *upstream.version_mut() = endpoint.version();
         *upstream.headers_mut() = attempt_headers;
 
-        let sent = Instant::now();
         match endpoint.send(upstream, route.timeout, &group.passive).await {
-            Ok(response) => {
+            Ok((response, secs)) => {
                 return Ok(Forwarded {
                     response,
-                    origin_ms: Some(sent.elapsed().as_secs_f64() * 1e3),
+                    origin_ms: Some(secs * 1e3),
                     region: Some(endpoint.region.clone()),
                     cache: None,
                 });

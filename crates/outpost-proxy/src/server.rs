@@ -274,10 +274,7 @@ impl Server {
 
         match &settings.tls {
             None => {
-                let conn = Arc::new(ConnInfo {
-                    peer,
-                    scheme: Scheme::Http,
-                });
+                let conn = Arc::new(ConnInfo::new(peer, Scheme::Http));
                 self.serve(builder, TokioIo::new(stream), conn).await;
             }
             Some(tls) => {
@@ -297,10 +294,7 @@ impl Server {
                 if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                     builder = builder.http2_only();
                 }
-                let conn = Arc::new(ConnInfo {
-                    peer,
-                    scheme: Scheme::Https,
-                });
+                let conn = Arc::new(ConnInfo::new(peer, Scheme::Https));
                 self.serve(builder, TokioIo::new(stream), conn).await;
             }
         }

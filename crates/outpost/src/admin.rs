@@ -84,7 +84,7 @@ async fn origins(State(life): State<Arc<Lifecycle>>) -> Response {
                 .map(|e| {
                     json!({
                         "endpoint": e.authority.as_str(),
-                        "region": e.region,
+                        "region": &*e.region,
                         "location": { "lat": e.location.lat, "lon": e.location.lon },
                         "healthy": e.actively_healthy(),
                         "ejected": e.is_ejected(),

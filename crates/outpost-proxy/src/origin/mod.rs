@@ -62,8 +62,8 @@ pub struct Endpoint {
     /// `host:port`, for logs, metrics and errors.
     pub authority: Authority,
     scheme: Scheme,
-    /// Region label from config.
-    pub region: String,
+    /// Region label from config (shared: every response names it).
+    pub region: Arc<str>,
     /// Where the endpoint is.
     pub location: GeoPoint,
     transport: Transport,
@@ -181,7 +181,7 @@ impl Endpoint {
         Ok(Endpoint {
             authority,
             scheme,
-            region: cfg.region.clone(),
+            region: Arc::from(cfg.region.as_str()),
             location: cfg.location,
             transport,
             protocol: key.protocol,
@@ -251,13 +251,13 @@ impl Endpoint {
     }
 
     /// Sends one request and waits for the response head, classifying the outcome and feeding
-    /// passive health.
+    /// passive health. With the response comes the time its head took, in seconds.
     pub async fn send(
         &self,
         req: Request<ProxyBody>,
         timeout: Duration,
         passive: &Passive,
-    ) -> Result<Response<ProxyBody>, AttemptError> {
+    ) -> Result<(Response<ProxyBody>, f64), AttemptError> {
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, self.exchange(req)).await;
         let secs = started.elapsed().as_secs_f64();
@@ -276,7 +276,7 @@ impl Endpoint {
             self.passive_result(false, passive);
         }
         match result {
-            Ok(r) => r,
+            Ok(r) => r.map(|resp| (resp, secs)),
             Err(_) => Err(AttemptError::Timeout),
         }
     }
@@ -365,6 +365,14 @@ pub struct OriginGroup {
 impl OriginGroup {
     /// Available endpoints, nearest first.
     pub fn nearest_available(&self, at: GeoPoint) -> Vec<Arc<Endpoint>> {
+        if let [only] = self.endpoints.as_slice() {
+            // Nothing to rank: no distance to compute.
+            return if only.is_available() {
+                vec![only.clone()]
+            } else {
+                Vec::new()
+            };
+        }
         let mut ranked: Vec<(f64, &Arc<Endpoint>)> = self
             .endpoints
             .iter()
@@ -423,7 +431,7 @@ impl Origins {
             for ep in &cfg.endpoints {
                 let key = key_for(name, cfg, &ep.url);
                 let endpoint = match reusable.get(&key) {
-                    Some(e) if e.region == ep.region && e.location == ep.location => e.clone(),
+                    Some(e) if *e.region == *ep.region && e.location == ep.location => e.clone(),
                     _ => Arc::new(Endpoint::new(&key, ep, &config.base_dir, metrics).map_err(
                         |reason| OriginBuildError {
                             group: name.clone(),
