@@ -51,7 +51,9 @@ pub struct StoringBody {
 }
 
 impl StoringBody {
-    /// Wraps `inner`; `object` has everything but the body.
+    /// Wraps `inner`; `object` has everything but the body. A body already at its end (a 204,
+    /// an empty 200) is stored at once: hyper never polls such a body, so the end would never
+    /// be seen.
     pub fn new(
         inner: Body,
         object: Object,
@@ -59,14 +61,18 @@ impl StoringBody {
         on_complete: OnComplete,
         on_done: OnDone,
     ) -> StoringBody {
-        StoringBody {
+        let mut body = StoringBody {
             inner,
             pending: Some((object, on_complete)),
             chunks: Vec::new(),
             collected: 0,
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
             on_done: Some(on_done),
+        };
+        if http_body::Body::is_end_stream(&body.inner) {
+            body.finish();
         }
+        body
     }
 
     fn finish(&mut self) {

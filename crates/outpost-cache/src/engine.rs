@@ -778,8 +778,7 @@ impl Inner {
         }
         let tags = object::tags_of(&parts.headers);
         let mut stored_headers = parts.headers.clone();
-        stored_headers.remove(SURROGATE_KEY);
-        stored_headers.remove(CACHE_TAG);
+        object::strip_unstorable(&mut stored_headers);
         parts.headers.remove(SURROGATE_KEY);
         parts.headers.remove(CACHE_TAG);
 

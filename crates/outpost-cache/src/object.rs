@@ -21,6 +21,28 @@ pub const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
 /// Cloudflare-style tag header.
 pub const CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
 
+/// Fields a shared cache must not store (RFC 9111 §3.1): they authenticate one client to one
+/// proxy, and a stored copy would be replayed to everyone.
+const NEVER_STORED: [HeaderName; 3] = [
+    http::header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("proxy-authentication-info"),
+    http::header::PROXY_AUTHORIZATION,
+];
+
+/// Whether a response field may go into a stored object (or into one refreshed by a 304).
+pub fn storable_field(name: &HeaderName) -> bool {
+    *name != SURROGATE_KEY && *name != CACHE_TAG && !NEVER_STORED.contains(name)
+}
+
+/// Removes every field [`storable_field`] refuses.
+pub fn strip_unstorable(headers: &mut HeaderMap) {
+    headers.remove(SURROGATE_KEY);
+    headers.remove(CACHE_TAG);
+    for name in &NEVER_STORED {
+        headers.remove(name);
+    }
+}
+
 /// One stored response. Immutable: freshening or soft-purging builds a new one that shares the
 /// body.
 #[derive(Debug, Clone)]
@@ -97,7 +119,7 @@ impl Object {
         let mut headers = self.headers.clone();
         let mut replaced: Vec<&HeaderName> = Vec::new();
         for (name, value) in update {
-            if name == CONTENT_LENGTH || name == SURROGATE_KEY || name == CACHE_TAG {
+            if name == CONTENT_LENGTH || !storable_field(name) {
                 continue;
             }
             if !replaced.contains(&name) {
@@ -139,18 +161,11 @@ impl Object {
     /// client already have it?
     pub fn not_modified_for(&self, request: &HeaderMap) -> bool {
         if let Some(inm) = request.get(IF_NONE_MATCH) {
-            let Some(etag) = self.etag().and_then(|v| v.to_str().ok()) else {
+            let Some(etag) = self.etag() else {
                 return false;
             };
-            let ours = weak(etag);
-            return inm
-                .to_str()
-                .map(|list| {
-                    list.split(',')
-                        .map(str::trim)
-                        .any(|t| t == "*" || weak(t) == ours)
-                })
-                .unwrap_or(false);
+            let ours = weak(etag.as_bytes().trim_ascii());
+            return entity_tags(inm.as_bytes()).any(|t| t == b"*" || weak(t) == ours);
         }
         if let Some(ims) = request
             .get(IF_MODIFIED_SINCE)
@@ -214,8 +229,40 @@ pub fn byte_range(header: &HeaderValue, len: u64) -> Option<ByteRange> {
 }
 
 /// The opaque part of an entity tag, for weak comparison.
-fn weak(tag: &str) -> &str {
-    tag.strip_prefix("W/").unwrap_or(tag)
+/// The opaque part of an entity tag, for weak comparison (RFC 9110 §8.8.3.2).
+fn weak(tag: &[u8]) -> &[u8] {
+    tag.strip_prefix(b"W/").unwrap_or(tag)
+}
+
+/// The members of an `If-None-Match` list: `*` or entity tags with their quotes. Bytes, not
+/// text: an entity tag may hold obs-text, and a comma inside quotes does not split. Stops at
+/// the first malformed member.
+fn entity_tags(list: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = list;
+    std::iter::from_fn(move || {
+        let start = rest
+            .iter()
+            .position(|b| !matches!(b, b' ' | b'\t' | b','))?;
+        rest = &rest[start..];
+        if rest[0] == b'*' {
+            let tag = &rest[..1];
+            rest = &rest[1..];
+            return Some(tag);
+        }
+        let prefix = if rest.starts_with(b"W/") { 2 } else { 0 };
+        if rest.get(prefix) != Some(&b'"') {
+            rest = &[];
+            return None;
+        }
+        let Some(close) = rest[prefix + 1..].iter().position(|b| *b == b'"') else {
+            rest = &[];
+            return None;
+        };
+        let end = prefix + close + 2;
+        let tag = &rest[..end];
+        rest = &rest[end..];
+        Some(tag)
+    })
 }
 
 /// Fields a 304 carries (RFC 9110 §15.4.5), from the stored response.
@@ -587,6 +634,29 @@ mod tests {
         assert!(o.not_modified_for(&req(IF_MODIFIED_SINCE, "Sun, 06 Nov 1994 08:49:37 GMT")));
         assert!(!o.not_modified_for(&req(IF_MODIFIED_SINCE, "Sat, 05 Nov 1994 08:49:37 GMT")));
         assert!(!o.not_modified_for(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn entity_tags_are_compared_as_bytes_and_split_outside_quotes() {
+        let tags = |v: &[u8]| {
+            entity_tags(v)
+                .map(|t| String::from_utf8_lossy(t).into_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(tags(b"\"a\", W/\"b,c\" ,*"), ["\"a\"", "W/\"b,c\"", "*"]);
+        assert_eq!(tags(b"\"a\", junk, \"b\""), ["\"a\""]);
+        assert_eq!(tags(b"\"unterminated"), Vec::<String>::new());
+        let mut o = sample(b"x");
+        let obs = HeaderValue::from_bytes(b"\"caf\xe9\"").expect("obs-text is allowed");
+        o.headers.insert(ETAG, obs.clone());
+        let mut req = HeaderMap::new();
+        req.insert(IF_NONE_MATCH, obs);
+        assert!(o.not_modified_for(&req));
+        req.insert(
+            IF_NONE_MATCH,
+            HeaderValue::from_bytes(b"\"caf\xe8\"").expect("obs-text"),
+        );
+        assert!(!o.not_modified_for(&req));
     }
 
     proptest::proptest! {

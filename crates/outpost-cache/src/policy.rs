@@ -212,7 +212,7 @@ pub fn storable(
     }
     let explicit = dirs.max_age.is_some()
         || dirs.s_maxage.is_some()
-        || response.contains_key(EXPIRES)
+        || (response.contains_key(EXPIRES) && !dirs.targeted)
         || dirs.public;
     if !explicit && !heuristically_cacheable(status) && policy.override_ttl.is_none() {
         return Err(NotStored::NoFreshness);
@@ -346,7 +346,7 @@ fn lifetime(
     if let Some(s) = dirs.max_age {
         return (Duration::from_secs(s), false);
     }
-    if let Some(expires) = headers.get(EXPIRES) {
+    if let Some(expires) = headers.get(EXPIRES).filter(|_| !dirs.targeted) {
         // An invalid date (notably "0") means already expired (RFC 9111 §5.3).
         let lifetime = directives::http_date(expires)
             .map_or(Duration::ZERO, |e| directives::secs_between(date, e));

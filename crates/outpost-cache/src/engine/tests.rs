@@ -1100,3 +1100,134 @@ async fn requests_the_edge_authenticated_share_only_what_the_origin_allows() {
         "a cookie-authenticated answer is not shared"
     );
 }
+
+/// hyper never polls a body that is already at its end (it writes `content-length: 0`), so an
+/// empty answer must be stored without its body being read.
+#[tokio::test]
+async fn empty_answers_are_stored_without_their_body_being_read() {
+    let h = Harness::new();
+    let fake = Fake::new(|_| {
+        Ok((
+            204,
+            vec![("cache-control", "max-age=60".to_owned())],
+            Bytes::new(),
+        ))
+    });
+    let handled = h
+        .cache
+        .handle(
+            &h.policy,
+            CacheRequest {
+                host: "shop.test",
+                path_and_query: "/empty",
+                method: &Method::GET,
+                headers: HeaderMap::new(),
+                authenticated: false,
+            },
+            fake.clone(),
+        )
+        .await;
+    let resp = handled.result.expect("response");
+    assert!(http_body::Body::is_end_stream(resp.body()));
+    assert!(
+        resp.headers()[CACHE_STATUS]
+            .to_str()
+            .expect("ascii")
+            .ends_with("stored")
+    );
+    drop(resp);
+    let second = h.get(&fake, "/empty", &[]).await;
+    assert_eq!(second.status, 204);
+    assert_eq!(second.outcome, CacheOutcome::Hit, "{second:?}");
+    assert_eq!(fake.calls(), 1);
+}
+
+/// RFC 9111 §3.1: proxy authentication fields are never stored, nor added by a 304.
+#[tokio::test]
+async fn proxy_authentication_fields_are_never_stored() {
+    let h = Harness::new();
+    let mut n = 0;
+    let fake = Fake::new(move |_| {
+        n += 1;
+        if n == 1 {
+            Ok((
+                200,
+                vec![
+                    ("cache-control", "max-age=1".to_owned()),
+                    ("etag", "\"v1\"".to_owned()),
+                    ("proxy-authentication-info", "nextnonce=a".to_owned()),
+                    ("proxy-authenticate", "Basic realm=x".to_owned()),
+                    ("x-kept", "1".to_owned()),
+                ],
+                Bytes::from_static(b"body"),
+            ))
+        } else {
+            Ok((
+                304,
+                vec![
+                    ("cache-control", "max-age=60".to_owned()),
+                    ("proxy-authentication-info", "nextnonce=b".to_owned()),
+                ],
+                Bytes::new(),
+            ))
+        }
+    });
+    let first = h.get(&fake, "/p", &[]).await;
+    assert_eq!(first.header("proxy-authentication-info"), "nextnonce=a");
+    let hit = h.get(&fake, "/p", &[]).await;
+    assert_eq!(hit.outcome, CacheOutcome::Hit);
+    assert_eq!(hit.header("x-kept"), "1");
+    assert!(!hit.headers.contains_key("proxy-authentication-info"));
+    assert!(!hit.headers.contains_key("proxy-authenticate"));
+    h.advance(5);
+    let revalidated = h.get(&fake, "/p", &[]).await;
+    assert_eq!(fake.calls(), 2);
+    assert_eq!(revalidated.body, "body");
+    let again = h.get(&fake, "/p", &[]).await;
+    assert_eq!(again.outcome, CacheOutcome::Hit);
+    assert!(
+        !again.headers.contains_key("proxy-authentication-info"),
+        "{again:?}"
+    );
+}
+
+/// RFC 9213: `CDN-Cache-Control` decides for this cache; `Cache-Control` and `Expires` are
+/// ignored then, and forwarded untouched like the targeted field itself.
+#[tokio::test]
+async fn cdn_cache_control_overrides_cache_control_and_expires() {
+    let h = Harness::new();
+    let fake = Fake::new(|_| {
+        Ok((
+            200,
+            vec![
+                ("cache-control", "no-store".to_owned()),
+                ("expires", "Thu, 01 Jan 1970 00:00:00 GMT".to_owned()),
+                ("cdn-cache-control", "max-age=60".to_owned()),
+            ],
+            Bytes::from_static(b"edge"),
+        ))
+    });
+    let first = h.get(&fake, "/cdn", &[]).await;
+    assert!(first.cache_status().ends_with("stored"), "{first:?}");
+    assert_eq!(first.header("cdn-cache-control"), "max-age=60");
+    h.advance(30);
+    let hit = h.get(&fake, "/cdn", &[]).await;
+    assert_eq!(hit.outcome, CacheOutcome::Hit);
+    assert_eq!(hit.header("cache-control"), "no-store");
+    assert_eq!(fake.calls(), 1);
+
+    let fake = Fake::new(|_| {
+        Ok((
+            200,
+            vec![
+                ("cache-control", "max-age=600".to_owned()),
+                ("expires", "Fri, 01 Jan 2100 00:00:00 GMT".to_owned()),
+                ("cdn-cache-control", "max-age=0".to_owned()),
+            ],
+            Bytes::from_static(b"edge"),
+        ))
+    });
+    h.get(&fake, "/zero", &[]).await;
+    h.get(&fake, "/zero", &[]).await;
+    assert_eq!(fake.calls(), 2, "max-age=0 in the targeted field wins");
+}
