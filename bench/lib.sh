@@ -134,6 +134,7 @@ bench_require_tools() {
             ss) pkg=iproute2 ;;
             awk) pkg=mawk ;;
             varnishd) pkg=varnish ;;
+            callgrind_control) pkg=valgrind ;;
             *) pkg=$tool ;;
         esac
         missing+=("$tool")

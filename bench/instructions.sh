@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# bench/instructions.sh: user-space instructions per pass-through request, outpost vs nginx, in
+# the same run, counted by valgrind's callgrind. The deterministic companion of proxy.sh: on a
+# VM whose vCPU speed drifts, CPU-µs per request move ±15 % from run to run, while an
+# instruction count repeats to within 0.5 %, so it shows what a change to the request path
+# costs or saves. It counts only user space (the kernel's share, ~70 % of proxy.sh's figure, is
+# the same for both: the same four syscalls per request) and runs one client connection.
+#
+#   origin   outpost-bench-origin (1 KiB body)
+#   nginx    under callgrind, one process (master_process off), upstream keepalive
+#   outpost  under callgrind, `outpost serve`, access log off
+#
+# Each server gets BENCH_WARMUP_REQUESTS requests (pools, caches, lazy init), then its counters
+# are zeroed, then BENCH_REQUESTS requests on one keep-alive connection (curl's URL globbing),
+# then its counters are dumped: instructions / requests. Prints both and the ratio.
+#
+# Settings (environment): BENCH_REQUESTS (default 3000), BENCH_WARMUP_REQUESTS (500),
+# BENCH_OUTPOST_BIN (an outpost binary instead of building one), BENCH_BODY_BYTES (1024).
+set -euo pipefail
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+: "${BENCH_REQUESTS:=3000}"
+: "${BENCH_WARMUP_REQUESTS:=500}"
+: "${BENCH_BODY_BYTES:=1024}"
+
+bench_init instructions
+bench_require_tools nginx curl valgrind callgrind_control ss awk
+
+target_dir=${CARGO_TARGET_DIR:-$BENCH_REPO_DIR/target}
+[[ $target_dir == /* ]] || target_dir=$BENCH_REPO_DIR/$target_dir
+packages=(-p outpost-bench-origin)
+[[ -n ${BENCH_OUTPOST_BIN:-} ]] || packages=(-p outpost "${packages[@]}")
+bench_log "building: cargo build --release ${packages[*]}"
+(cd "$BENCH_REPO_DIR" && cargo build --release "${packages[@]}") || bench_die "cargo build failed"
+origin_bin=$target_dir/release/outpost-bench-origin
+outpost_bin=${BENCH_OUTPOST_BIN:-$target_dir/release/outpost}
+
+origin_port=$(bench_free_port)
+bench_spawn origin "$origin_bin" "127.0.0.1:$origin_port" "$BENCH_BODY_BYTES"
+bench_wait_http "http://127.0.0.1:$origin_port/" 10 "$BENCH_LAST_PID" || bench_die "the origin did not start"
+
+# count NAME PID URL: warm-up, zero, measured requests, dump; prints instructions per request.
+count() {
+    local name=$1 pid=$2 url=$3 out before after got
+    curl -s --noproxy '*' -o /dev/null "${url}warm[1-$BENCH_WARMUP_REQUESTS]"
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    before=$(ls "$BENCH_TMP/$name".cg.* 2>/dev/null | wc -l)
+    got=$(curl -s --noproxy '*' -o /dev/null -w '%{http_code}\n' "${url}m[1-$BENCH_REQUESTS]" | grep -c '^200$' || true)
+    ((got == BENCH_REQUESTS)) || bench_die "$name answered $got of $BENCH_REQUESTS requests with 200"
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    for _ in $(seq 100); do
+        after=$(ls "$BENCH_TMP/$name".cg.* 2>/dev/null | wc -l)
+        ((after > before)) && break
+        sleep 0.1
+    done
+    out=$(ls -t "$BENCH_TMP/$name".cg.* | head -1)
+    awk -v n="$BENCH_REQUESTS" '/^summary:/ { printf "%.0f\n", $2 / n; exit }' "$out"
+}
+
+callgrind=(valgrind --tool=callgrind --dump-instr=no)
+
+# --- nginx -------------------------------------------------------------------------------
+nginx_dir=$BENCH_TMP/nginx
+mkdir -p "$nginx_dir"
+chmod 755 "$BENCH_TMP" "$nginx_dir"
+nginx_port=$(bench_free_port)
+{
+    echo "master_process off;"
+    bench_nginx_head "$nginx_dir"
+    cat <<EOF
+    upstream origin {
+        server 127.0.0.1:$origin_port;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$nginx_port;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+} >"$nginx_dir/nginx.conf"
+bench_spawn nginx "${callgrind[@]}" "--callgrind-out-file=$BENCH_TMP/nginx.cg.%p" \
+    nginx -p "$nginx_dir/" -c "$nginx_dir/nginx.conf" -g 'daemon off;'
+nginx_pid=$BENCH_LAST_PID
+bench_wait_http "http://127.0.0.1:$nginx_port/" 60 "$nginx_pid" || bench_die "nginx did not start under valgrind"
+nginx_ins=$(count nginx "$nginx_pid" "http://127.0.0.1:$nginx_port/")
+bench_stop "$nginx_pid"
+
+# --- outpost -----------------------------------------------------------------------------
+proxy_port=$(bench_free_port)
+admin_port=$(bench_free_port)
+cat >"$BENCH_TMP/outpost.toml" <<EOF
+version = 1
+
+[node]
+id = "bench-1"
+region = "local"
+location = { lat = 0.0, lon = 0.0 }
+
+[[listeners]]
+addr = "127.0.0.1:$proxy_port"
+
+[admin]
+addr = "127.0.0.1:$admin_port"
+
+[log]
+access_log = false
+
+[origins.bench]
+[[origins.bench.endpoints]]
+url = "http://127.0.0.1:$origin_port"
+region = "local"
+location = { lat = 0.0, lon = 0.0 }
+
+[[routes]]
+name = "bench"
+path_prefix = "/"
+origin = "bench"
+EOF
+bench_spawn outpost "${callgrind[@]}" "--callgrind-out-file=$BENCH_TMP/outpost.cg.%p" \
+    "$outpost_bin" serve --config "$BENCH_TMP/outpost.toml"
+outpost_pid=$BENCH_LAST_PID
+bench_wait_http "http://127.0.0.1:$admin_port/readyz" 120 "$outpost_pid" ||
+    bench_die "outpost did not become ready under valgrind"
+outpost_ins=$(count outpost "$outpost_pid" "http://127.0.0.1:$proxy_port/")
+bench_stop "$outpost_pid"
+
+printf '\nuser-space instructions per request (callgrind), %s requests on one connection, %s-byte body\n\n' \
+    "$BENCH_REQUESTS" "$BENCH_BODY_BYTES"
+printf '%-10s %12s\n' target instructions nginx "$nginx_ins" outpost "$outpost_ins"
+printf '\noutpost/nginx  instructions: %s\n' "$(awk -v a="$outpost_ins" -v b="$nginx_ins" 'BEGIN { printf "%.2f", a / b }')"
+printf '{"bench":"instructions","git":"%s","requests":%s,"body_bytes":%s,"nginx":%s,"outpost":%s}\n' \
+    "$(bench_git_rev)" "$BENCH_REQUESTS" "$BENCH_BODY_BYTES" "$nginx_ins" "$outpost_ins" >>"$BENCH_RESULTS_FILE"
+printf 'results: %s\n' "${BENCH_RESULTS_FILE#"$BENCH_REPO_DIR"/}"
