@@ -370,39 +370,13 @@ start_outpost() {
     fi
     port=$(bench_free_port)
     admin_port=$(bench_free_port)
-    cat >"$config" <<EOF
-version = 1
-
-[node]
-id = "bench-1"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
-
-[[listeners]]
-addr = "127.0.0.1:$port"
-
-[admin]
-addr = "127.0.0.1:$admin_port"
-
-[log]
-access_log = false
-
-[cache]
-memory_size = "$CACHE_MB MiB"
-
-[origins.bench]
-[[origins.bench.endpoints]]
-url = "http://127.0.0.1:$origin_port"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
-
-[[routes]]
-name = "bench"
-path_prefix = "/"
-origin = "bench"
-
-[routes.cache]
-EOF
+    {
+        bench_outpost_head "$port" "$admin_port"
+        printf '\n[cache]\nmemory_size = "%s MiB"\n' "$CACHE_MB"
+        bench_outpost_origin "$origin_port"
+        bench_outpost_route
+        printf '\n[routes.cache]\n'
+    } >"$config"
     # Pinned to one core: tokio sizes its worker pool from the affinity mask, so 1 worker.
     bench_spawn "outpost-$phase" taskset -c "$BENCH_SERVER_CPU" "$outpost_bin" serve --config "$config"
     srv_main=$BENCH_LAST_PID

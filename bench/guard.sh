@@ -322,29 +322,8 @@ EOF
 }
 
 {
-    cat <<EOF
-version = 1
-
-[node]
-id = "bench-1"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
-
-[[listeners]]
-addr = "127.0.0.1:$proxy_port"
-
-[admin]
-addr = "127.0.0.1:$admin_port"
-
-[log]
-access_log = false
-
-[origins.bench]
-[[origins.bench.endpoints]]
-url = "http://127.0.0.1:$origin_port"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
-EOF
+    bench_outpost_head "$proxy_port" "$admin_port"
+    bench_outpost_origin "$origin_port"
     if [[ -n $probe_port ]]; then
         cat <<EOF
 

@@ -95,34 +95,11 @@ bench_stop "$nginx_pid"
 # --- outpost -----------------------------------------------------------------------------
 proxy_port=$(bench_free_port)
 admin_port=$(bench_free_port)
-cat >"$BENCH_TMP/outpost.toml" <<EOF
-version = 1
-
-[node]
-id = "bench-1"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
-
-[[listeners]]
-addr = "127.0.0.1:$proxy_port"
-
-[admin]
-addr = "127.0.0.1:$admin_port"
-
-[log]
-access_log = false
-
-[origins.bench]
-[[origins.bench.endpoints]]
-url = "http://127.0.0.1:$origin_port"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
-
-[[routes]]
-name = "bench"
-path_prefix = "/"
-origin = "bench"
-EOF
+{
+    bench_outpost_head "$proxy_port" "$admin_port"
+    bench_outpost_origin "$origin_port"
+    bench_outpost_route
+} >"$BENCH_TMP/outpost.toml"
 bench_spawn outpost "${callgrind[@]}" "--callgrind-out-file=$BENCH_TMP/outpost.cg.%p" \
     "$outpost_bin" serve --config "$BENCH_TMP/outpost.toml"
 outpost_pid=$BENCH_LAST_PID

@@ -536,6 +536,51 @@ http {
 EOF
 }
 
+# bench_outpost_head PROXY_PORT ADMIN_PORT: the start of the outpost.toml of the benchmarks that
+# proxy to outpost-bench-origin: node bench-1, one listener, the admin listener, no access log.
+bench_outpost_head() {
+    cat <<EOF
+version = 1
+
+[node]
+id = "bench-1"
+region = "local"
+location = { lat = 0.0, lon = 0.0 }
+
+[[listeners]]
+addr = "127.0.0.1:$1"
+
+[admin]
+addr = "127.0.0.1:$2"
+
+[log]
+access_log = false
+EOF
+}
+
+# bench_outpost_origin ORIGIN_PORT: the origin group `bench`, one endpoint.
+bench_outpost_origin() {
+    cat <<EOF
+
+[origins.bench]
+[[origins.bench.endpoints]]
+url = "http://127.0.0.1:$1"
+region = "local"
+location = { lat = 0.0, lon = 0.0 }
+EOF
+}
+
+# bench_outpost_route: the route `bench`: every path to the origin group `bench`.
+bench_outpost_route() {
+    cat <<EOF
+
+[[routes]]
+name = "bench"
+path_prefix = "/"
+origin = "bench"
+EOF
+}
+
 # bench_check_fail MESSAGE: records a failed check (printed at the end by the script; it exits 1).
 BENCH_CHECK_FAILURES=()
 bench_check_fail() {

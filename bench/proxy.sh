@@ -146,34 +146,11 @@ else
     admin_port=$(bench_free_port)
     outpost_url="http://127.0.0.1:$proxy_port/"
     outpost_config=$BENCH_TMP/outpost.toml
-    cat >"$outpost_config" <<EOF
-version = 1
-
-[node]
-id = "bench-1"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
-
-[[listeners]]
-addr = "127.0.0.1:$proxy_port"
-
-[admin]
-addr = "127.0.0.1:$admin_port"
-
-[log]
-access_log = false
-
-[origins.bench]
-[[origins.bench.endpoints]]
-url = "http://127.0.0.1:$origin_port"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
-
-[[routes]]
-name = "bench"
-path_prefix = "/"
-origin = "bench"
-EOF
+    {
+        bench_outpost_head "$proxy_port" "$admin_port"
+        bench_outpost_origin "$origin_port"
+        bench_outpost_route
+    } >"$outpost_config"
     # Pinned to one core: tokio sizes its worker pool from the affinity mask, so 1 worker.
     bench_spawn outpost taskset -c "$BENCH_SERVER_CPU" "$outpost_bin" serve --config "$outpost_config"
     outpost_pid=$BENCH_LAST_PID
