@@ -1,7 +1,8 @@
 //! Body plumbing: bodies stream frame by frame; nothing here buffers a whole body.
 //!
 //! - [`ProxyBody`]: the one boxed body type used on both sides of the proxy.
-//! - [`LimitedBody`]: enforces a route's body limit while streaming (→ 413).
+//! - [`LimitedBody`]: enforces a route's body limit while streaming (→ 413) and records in a
+//!   [`BodyState`] how the client's body went, so a broken exchange is blamed on the right side.
 //! - [`ReplayableBody`]: lets a request whose body was never polled be sent again to another
 //!   endpoint after a connect failure.
 //! - [`ObservedBody`]: counts bytes and runs a completion hook (access log, metrics) when the
@@ -51,6 +52,48 @@ where
 #[error("request body exceeds the limit of {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
+/// How a client's request body went on its way to the origin. When the exchange with the origin
+/// breaks or times out, this tells the client's fault (a malformed or cut-short body, one over
+/// the limit, one still arriving) from the origin's: only the origin's count against its health.
+#[derive(Debug, Default)]
+pub struct BodyState {
+    too_large: AtomicBool,
+    failed: AtomicBool,
+    ended: AtomicBool,
+    /// The last read found no data from the client yet (as opposed to the origin side not
+    /// taking more: then hyper does not ask).
+    awaiting_client: AtomicBool,
+}
+
+impl BodyState {
+    /// The body went over the route's limit.
+    pub fn too_large(&self) -> bool {
+        self.too_large.load(Ordering::Relaxed)
+    }
+
+    /// Reading the body from the client failed: bad chunked framing, or the client left or
+    /// stopped before its declared length.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// The whole body was read from the client.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
+    }
+
+    /// Whether a broken exchange is the client's doing.
+    pub fn client_broke_it(&self) -> bool {
+        self.too_large() || self.failed()
+    }
+
+    /// Whether an exchange that ran out of time was waiting for the client's body: not all of
+    /// it arrived, and the forwarding was waiting on the client, not on the origin to read on.
+    pub fn client_is_late(&self) -> bool {
+        !self.ended() && self.awaiting_client.load(Ordering::Relaxed)
+    }
+}
+
 pin_project_lite::pin_project! {
     /// Streams the inner body and fails once more than `limit` bytes went through.
     pub struct LimitedBody<B> {
@@ -58,19 +101,19 @@ pin_project_lite::pin_project! {
         inner: B,
         remaining: u64,
         limit: u64,
-        exceeded: Arc<AtomicBool>,
+        state: Arc<BodyState>,
     }
 }
 
 impl<B> LimitedBody<B> {
-    /// Wraps `inner`; `exceeded` is set when the limit trips, for the caller to see after the
-    /// origin call failed.
-    pub fn new(inner: B, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
+    /// Wraps `inner`; `state` records how it goes, for the caller to see after the origin call
+    /// failed.
+    pub fn new(inner: B, limit: u64, state: Arc<BodyState>) -> Self {
         LimitedBody {
             inner,
             remaining: limit,
             limit,
-            exceeded,
+            state,
         }
     }
 }
@@ -87,21 +130,35 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        this.state
+            .awaiting_client
+            .store(polled.is_pending(), Ordering::Relaxed);
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > *this.remaining {
-                        this.exceeded.store(true, Ordering::Relaxed);
+                        this.state.too_large.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge(*this.limit)))));
                     }
                     *this.remaining -= n;
                 }
+                // hyper stops polling a body that says it is at its end.
+                if this.inner.is_end_stream() {
+                    this.state.ended.store(true, Ordering::Relaxed);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => {
+                this.state.failed.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.state.ended.store(true, Ordering::Relaxed);
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -281,16 +338,58 @@ mod tests {
 
     #[tokio::test]
     async fn limited_body_fails_past_the_limit_and_flags_it() {
-        let flag = Arc::new(AtomicBool::new(false));
-        let body = LimitedBody::new(full(vec![0u8; 10]), 9, flag.clone());
+        let state = Arc::new(BodyState::default());
+        let body = LimitedBody::new(full(vec![0u8; 10]), 9, state.clone());
         assert!(body.collect().await.is_err());
-        assert!(flag.load(Ordering::Relaxed));
+        assert!(state.too_large() && state.client_broke_it() && !state.ended());
 
-        let flag = Arc::new(AtomicBool::new(false));
-        let body = LimitedBody::new(full(vec![0u8; 10]), 10, flag.clone());
+        let state = Arc::new(BodyState::default());
+        let body = LimitedBody::new(full(vec![0u8; 10]), 10, state.clone());
         let got = body.collect().await.expect("within limit").to_bytes();
         assert_eq!(got.len(), 10);
-        assert!(!flag.load(Ordering::Relaxed));
+        assert!(!state.too_large() && !state.client_broke_it() && state.ended());
+    }
+
+    /// A client body that fails (bad chunking, client gone) or stalls is the client's fault;
+    /// one the origin side stops reading is not.
+    #[tokio::test]
+    async fn body_state_tells_the_clients_fault_from_the_origins() {
+        /// A client body that answers the given polls in turn.
+        type Step = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+        struct Scripted(std::collections::VecDeque<Step>);
+        impl Body for Scripted {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Step {
+                self.0.pop_front().unwrap_or(Poll::Ready(None))
+            }
+        }
+        let script = Scripted(
+            [
+                Poll::Pending,
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"abc"))))),
+                Poll::Ready(Some(Err("invalid chunk size".into()))),
+            ]
+            .into(),
+        );
+        let state = Arc::new(BodyState::default());
+        let mut body = std::pin::pin!(LimitedBody::new(script, 100, state.clone()));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // Nothing from the client yet: waiting on the client.
+        assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+        assert!(state.client_is_late() && !state.client_broke_it());
+        // A chunk arrived and was handed on: now waiting on whoever reads it.
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert!(!state.client_is_late());
+        // The client's stream fails.
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Err(_)))
+        ));
+        assert!(state.failed() && state.client_broke_it() && !state.ended());
     }
 
     #[tokio::test]

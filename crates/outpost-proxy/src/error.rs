@@ -32,6 +32,13 @@ pub enum ProxyError {
     /// The method is not proxied.
     #[error("method {0} is not supported by this node")]
     MethodNotAllowed(String),
+    /// The client's body broke off or was malformed (bad chunked framing, the client left
+    /// before its declared length) while it was being forwarded.
+    #[error("the request body was malformed or ended before its declared length")]
+    ClientBody,
+    /// The client's body was still arriving when the origin's time was up.
+    #[error("the request body did not arrive in time")]
+    ClientBodyTimeout,
     /// The body is larger than the route allows.
     #[error("request body exceeds this route's limit of {limit} bytes")]
     PayloadTooLarge {
@@ -121,6 +128,8 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute
             | ProxyError::BadRequest(_)
+            | ProxyError::ClientBody
+            | ProxyError::ClientBodyTimeout
             | ProxyError::BadEvents(_)
             | ProxyError::MethodNotAllowed(_)
             | ProxyError::PayloadTooLarge { .. }
@@ -146,7 +155,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest(_) | ProxyError::BadEvents(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::BadEvents(_) | ProxyError::ClientBody => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Loop => StatusCode::LOOP_DETECTED,
@@ -173,6 +185,8 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "no-route",
             ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::ClientBody => "bad-request-body",
+            ProxyError::ClientBodyTimeout => "request-body-timeout",
             ProxyError::BadEvents(_) => "invalid-events",
             ProxyError::MethodNotAllowed(_) => "method-not-allowed",
             ProxyError::PayloadTooLarge { .. } => "payload-too-large",
@@ -195,9 +209,29 @@ impl ProxyError {
         }
     }
 
+    /// What the client is told. Origin failures name neither the endpoint's address nor the
+    /// transport's error (both are in the node's log under the request id).
+    pub fn client_detail(&self) -> String {
+        match self {
+            ProxyError::OriginTimeout { timeout, .. } => {
+                format!("the origin did not answer within {timeout:?}")
+            }
+            ProxyError::OriginConnect { .. } => "the origin could not be reached".to_owned(),
+            ProxyError::OriginBroken { .. } => {
+                "the origin's answer could not be received; the node's log has the details under this request id".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// The problem+json response for this error (with an RFC 6750 challenge for auth).
     pub fn to_response(&self, request_id: &str) -> Response<ProxyBody> {
-        let mut resp = problem(self.status(), self.code(), &self.to_string(), request_id);
+        let mut resp = problem(
+            self.status(),
+            self.code(),
+            &self.client_detail(),
+            request_id,
+        );
         match self {
             ProxyError::Auth(e) => {
                 if let Ok(v) = HeaderValue::from_str(&e.challenge()) {
@@ -269,6 +303,31 @@ mod tests {
             ProxyError::NoHealthyEndpoint("x".into()).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    #[test]
+    fn clients_are_not_told_origin_addresses_or_transport_errors() {
+        let e = ProxyError::OriginBroken {
+            endpoint: "10.0.0.7:8000".into(),
+            reason: "error from user's Body stream: invalid chunk size".into(),
+        };
+        assert!(e.to_string().contains("10.0.0.7"), "the log keeps it");
+        let detail = e.client_detail();
+        assert!(
+            !detail.contains("10.0.0.7") && !detail.contains("chunk"),
+            "{detail}"
+        );
+        for e in [
+            ProxyError::OriginConnect {
+                endpoint: "10.0.0.7:8000".into(),
+            },
+            ProxyError::OriginTimeout {
+                endpoint: "10.0.0.7:8000".into(),
+                timeout: Duration::from_secs(5),
+            },
+        ] {
+            assert!(!e.client_detail().contains("10.0.0.7"));
+        }
     }
 
     #[test]

@@ -106,11 +106,38 @@ pub fn strip_request(
         X_FORWARDED_PREFIX,
         FORWARDED,
     ];
-    strip_matching(headers, |name| {
+    let stripped = |name: &HeaderName| {
         is_internal(name)
             || internal.contains(name)
             || (untrusted && (location.contains(&name) || forwarded.contains(name)))
+    };
+    strip_matching(headers, |name| {
+        stripped(name)
+            || underscore_twin(name).is_some_and(|twin| stripped(&twin) || set_here(&twin))
     });
+}
+
+/// `x_forwarded_for` for `x-forwarded-for`: CGI and WSGI servers (and some frameworks) map both
+/// spellings to one variable, so a twin of a field this node strips or sets would reach the
+/// application as if the node had sent it. nginx drops every underscore field by default; here
+/// only the twins of managed fields go.
+fn underscore_twin(name: &HeaderName) -> Option<HeaderName> {
+    let s = name.as_str();
+    s.contains('_')
+        .then(|| HeaderName::from_bytes(s.replace('_', "-").as_bytes()).ok())
+        .flatten()
+}
+
+/// Fields this node sets on every forwarded request, replacing what a client sent.
+fn set_here(name: &HeaderName) -> bool {
+    [
+        X_FORWARDED_FOR,
+        X_REQUEST_ID,
+        TRACEPARENT,
+        header::VIA,
+        header::HOST,
+    ]
+    .contains(name)
 }
 
 /// Adds what the origin learns about the hop: `X-Forwarded-*`, `Host` for HTTP/2 clients,
@@ -338,6 +365,14 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
             ("x-user-lat", "1"),
+            // Underscore twins, which CGI/WSGI origins read as the dashed fields.
+            ("x_outpost_identity", "forged"),
+            ("x_served_by", "forged"),
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x_forwarded_host", "evil.test"),
+            ("x_request_id", "mine"),
+            ("x_user_lat", "1"),
+            ("x_app_flag", "kept"),
         ]);
         let via = HeaderValue::from_static("1.1 edge");
         let info = ForwardInfo {
@@ -351,6 +386,17 @@ mod tests {
         assert!(!h.contains_key("x-outpost-identity"));
         assert!(!h.contains_key("x-served-by"));
         assert!(!h.contains_key("x-user-lat"));
+        for twin in [
+            "x_outpost_identity",
+            "x_served_by",
+            "x_forwarded_for",
+            "x_forwarded_host",
+            "x_request_id",
+            "x_user_lat",
+        ] {
+            assert!(!h.contains_key(twin), "{twin}");
+        }
+        assert_eq!(h["x_app_flag"], "kept");
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "shop.test");

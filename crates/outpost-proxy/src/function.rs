@@ -94,8 +94,8 @@ pub(crate) async fn run(
     let mut req = Request::new(if body.is_end_stream() {
         crate::body::empty()
     } else {
-        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        boxed(LimitedBody::new(body, route.max_body, flag))
+        let state = Arc::new(crate::body::BodyState::default());
+        boxed(LimitedBody::new(body, route.max_body, state))
     });
     *req.method_mut() = method;
     *req.uri_mut() = target;

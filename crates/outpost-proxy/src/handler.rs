@@ -10,10 +10,9 @@
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -26,7 +25,7 @@ use outpost_guard::{IDENTITY_HEADER, JWKS_PATH, Principal};
 use outpost_telemetry::access::{self, AccessRecord};
 use outpost_telemetry::metrics::RouteMetrics;
 
-use crate::body::{LimitedBody, ObservedBody, ProxyBody, ReplayableBody, boxed, empty};
+use crate::body::{BodyState, LimitedBody, ObservedBody, ProxyBody, ReplayableBody, boxed, empty};
 use crate::context::{ConnInfo, RequestContext, RequestId};
 use crate::error::{ErrorSource, ProxyError};
 use crate::filters::{self, ForwardInfo, Timings};
@@ -90,6 +89,9 @@ pub async fn handle(
             (e.to_response(&ctx.request_id), None, None, None)
         }
     };
+    // The answer is this node's message, in this node's HTTP version (RFC 9110 §6.2), not the
+    // origin's (an HTTP/1.0 origin's status line would otherwise reach the client).
+    *resp.version_mut() = Version::default();
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
     filters::response_headers(
         resp.headers_mut(),
@@ -194,6 +196,73 @@ fn request_host<'a>(uri: &'a http::Uri, headers: &'a http::HeaderMap) -> Option<
         .or_else(|| headers.get(header::HOST)?.to_str().ok())
 }
 
+/// Makes the request's host one thing for routing, the cache and the origin (RFC 9112 §3.2,
+/// RFC 9113 §8.3.1): one valid `Host` (no userinfo, path or spaces); an absolute-form target's
+/// authority replaces `Host`; an HTTP/2 `Host` must agree with `:authority`; HTTP/1.1 and
+/// HTTP/2 requests must name a host (HTTP/1.0 may not, and the origin then gets the endpoint's).
+fn settle_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    if let Some(h) = host
+        && !is_valid_host(h.as_bytes())
+    {
+        return Err("invalid Host header");
+    }
+    let Some(authority) = req.uri().authority() else {
+        if host.is_none() && req.version() != Version::HTTP_10 && req.version() != Version::HTTP_09
+        {
+            return Err("the request names no host (Host header or :authority)");
+        }
+        return Ok(());
+    };
+    if !is_valid_host(authority.as_str().as_bytes()) {
+        return Err("invalid authority in the request target");
+    }
+    if req.version() == Version::HTTP_2 {
+        if host.is_some_and(|h| {
+            !h.as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        }) {
+            return Err("Host header does not match :authority");
+        }
+        return Ok(());
+    }
+    // Absolute form: the target's authority wins over whatever Host said.
+    let value = HeaderValue::from_str(authority.as_str())
+        .map_err(|_| "invalid authority in the request target")?;
+    req.headers_mut().insert(header::HOST, value);
+    Ok(())
+}
+
+/// `uri-host [ ":" port ]` without userinfo (RFC 9110 §7.2): what a Host or `:authority` may be.
+fn is_valid_host(v: &[u8]) -> bool {
+    if v.is_empty() || v.contains(&b'@') || http::uri::Authority::try_from(v).is_err() {
+        return false;
+    }
+    let Ok(s) = std::str::from_utf8(v) else {
+        return false;
+    };
+    let (host, port) = match s.strip_prefix('[') {
+        // An IP literal: `[v6]` or `[v6]:port`.
+        Some(rest) => match rest.split_once(']') {
+            Some((literal, "")) => (literal, None),
+            Some((literal, after)) => match after.strip_prefix(':') {
+                Some(port) => (literal, Some(port)),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => match s.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (s, None),
+        },
+    };
+    !host.is_empty() && port.is_none_or(|p| p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// [`request_host`] as a header value to forward: the client's own `Host` value (a clone
 /// shares its bytes) or, for `:authority`, a copy.
 fn request_host_value(uri: &http::Uri, headers: &http::HeaderMap) -> Option<HeaderValue> {
@@ -224,10 +293,13 @@ async fn proxy(
     conn: &ConnInfo,
     ctx: &Arc<RequestContext>,
     via: &HeaderValue,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> (Option<usize>, Result<Forwarded, ProxyError>) {
     if req.method() == Method::CONNECT {
         return (None, Err(ProxyError::MethodNotAllowed("CONNECT".into())));
+    }
+    if let Err(why) = settle_host(&mut req) {
+        return (None, Err(ProxyError::BadRequest(why)));
     }
     let path = req.uri().path();
     if !path.starts_with('/') {
@@ -954,7 +1026,7 @@ pub(crate) async fn send_to_origin(
     let attempts = candidates.len().min(2);
     // Bodiless requests (most GETs) need neither the limit flag nor the replay machinery; a
     // body is made replayable only when a second endpoint could receive it.
-    let (mut source, exceeded) = match body {
+    let (mut source, client_body) = match body {
         OutgoingBody::Buffered(bytes) => (BodySource::Buffered(bytes), None),
         OutgoingBody::Stream(body) if !body.is_end_stream() => {
             BodySource::limited(body, route.max_body, attempts)
@@ -981,7 +1053,22 @@ pub(crate) async fn send_to_origin(
         *upstream.version_mut() = endpoint.version();
         *upstream.headers_mut() = attempt_headers;
 
-        match endpoint.send(upstream, route.timeout, &group.passive).await {
+        let sent = endpoint
+            .send(
+                upstream,
+                route.timeout,
+                &group.passive,
+                client_body.as_deref(),
+            )
+            .await;
+        match sent {
+            // This node never asks an origin to switch protocols (`Upgrade` is not forwarded).
+            Ok((response, _)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                return Err(ProxyError::OriginBroken {
+                    endpoint: endpoint.authority.to_string(),
+                    reason: "it switched protocols, which was not asked".into(),
+                });
+            }
             Ok((response, secs)) => {
                 return Ok(Forwarded {
                     response,
@@ -1010,10 +1097,14 @@ pub(crate) async fn send_to_origin(
                     timeout: route.timeout,
                 });
             }
-            Err(AttemptError::Broken(e)) => {
-                if exceeded.is_some_and(|f| f.load(Ordering::Relaxed)) {
+            Err(AttemptError::ClientBody) => {
+                if client_body.as_deref().is_some_and(BodyState::too_large) {
                     return Err(too_large);
                 }
+                return Err(ProxyError::ClientBody);
+            }
+            Err(AttemptError::ClientBodyTimeout) => return Err(ProxyError::ClientBodyTimeout),
+            Err(AttemptError::Broken(e)) => {
                 return Err(ProxyError::OriginBroken {
                     endpoint: endpoint.authority.to_string(),
                     reason: error_chain(e.as_ref()),
@@ -1073,21 +1164,21 @@ enum BodySource {
 }
 
 impl BodySource {
-    /// A streamed body held to `limit` bytes (the flag says whether it went over), replayable
-    /// when a second endpoint could receive it.
-    fn limited<B>(body: B, limit: u64, attempts: usize) -> (BodySource, Option<Arc<AtomicBool>>)
+    /// A streamed body held to `limit` bytes (its state says whether it went over, failed or
+    /// ended), replayable when a second endpoint could receive it.
+    fn limited<B>(body: B, limit: u64, attempts: usize) -> (BodySource, Option<Arc<BodyState>>)
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<crate::body::BoxError>,
     {
-        let flag = Arc::new(AtomicBool::new(false));
-        let limited = boxed(LimitedBody::new(body, limit, flag.clone()));
+        let state = Arc::new(BodyState::default());
+        let limited = boxed(LimitedBody::new(body, limit, state.clone()));
         let source = if attempts > 1 {
             BodySource::Replay(ReplayableBody::new(limited))
         } else {
             BodySource::Once(Some(limited))
         };
-        (source, Some(flag))
+        (source, Some(state))
     }
 
     fn attempt(&mut self) -> ProxyBody {
@@ -1122,6 +1213,72 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_are_uri_host_and_port_only() {
+        for ok in [
+            "a.example",
+            "a.example:8080",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:443",
+            "x:",
+        ] {
+            assert!(is_valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "u@a.example",
+            "a.example/evil?x",
+            "a.example b",
+            "a, b",
+            "a.example:http",
+            "::1",
+            "[::1",
+            "[::1]x",
+            ":80",
+        ] {
+            assert!(!is_valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    fn req(version: Version, target: &str, hosts: &[&'static str]) -> Request<()> {
+        let mut r = Request::builder()
+            .version(version)
+            .uri(target)
+            .body(())
+            .expect("request");
+        for h in hosts {
+            r.headers_mut()
+                .append(header::HOST, HeaderValue::from_static(h));
+        }
+        r
+    }
+
+    #[test]
+    fn one_host_rules_routing_cache_and_origin() {
+        // Absolute form: the target's authority replaces Host (RFC 9112 §3.2.2).
+        let mut r = req(
+            Version::HTTP_11,
+            "http://public.example/x",
+            &["admin.example"],
+        );
+        assert_eq!(settle_host(&mut r), Ok(()));
+        assert_eq!(r.headers()[header::HOST], "public.example");
+        assert_eq!(request_host(r.uri(), r.headers()), Some("public.example"));
+        // Two Host lines, a missing one on HTTP/1.1, userinfo: refused.
+        let two = &mut req(Version::HTTP_11, "/x", &["a.example", "b.example"]);
+        assert!(settle_host(two).is_err());
+        assert!(settle_host(&mut req(Version::HTTP_11, "/x", &[])).is_err());
+        assert!(settle_host(&mut req(Version::HTTP_10, "/x", &[])).is_ok());
+        assert!(settle_host(&mut req(Version::HTTP_11, "http://u:p@a.example/", &[])).is_err());
+        // HTTP/2: Host must agree with :authority; one of them must be there.
+        let h2 = |target, hosts| req(Version::HTTP_2, target, hosts);
+        assert!(settle_host(&mut h2("https://a.example/", &["b.example"])).is_err());
+        assert!(settle_host(&mut h2("https://a.example/", &["A.example"])).is_ok());
+        assert!(settle_host(&mut h2("https://a.example/", &[])).is_ok());
+        assert!(settle_host(&mut h2("/x", &[])).is_err());
+    }
 
     #[test]
     fn dot_segments_are_refused_in_any_spelling() {

@@ -48,6 +48,19 @@ pub enum ServerError {
     Tls(#[from] TlsError),
 }
 
+/// Waits until the client sends something. hyper's header-read timeout starts with a request's
+/// first byte, so a client that connects and stays silent would hold a connection slot (of
+/// `max_connections`) forever.
+/// A drain does not wait for such a client either.
+async fn first_bytes(tcp: &TcpStream, within: Duration, shutdown: &CancellationToken) -> bool {
+    // `peek`, not `readable`: readiness may be reported before any byte is there.
+    let mut byte = [0u8; 1];
+    tokio::select! {
+        got = tokio::time::timeout(within, tcp.peek(&mut byte)) => matches!(got, Ok(Ok(_))),
+        () = shutdown.cancelled() => false,
+    }
+}
+
 /// Per-listener settings that a reload may change in place.
 struct ListenerSettings {
     tls: Option<TlsAcceptor>,
@@ -274,6 +287,10 @@ impl Server {
 
         match &settings.tls {
             None => {
+                if !first_bytes(&stream, limits.header_read_timeout, &self.shutdown).await {
+                    tracing::debug!(%peer, "Connection sent nothing in time; closed.");
+                    return;
+                }
                 let conn = Arc::new(ConnInfo::new(peer, Scheme::Http));
                 self.serve(builder, TokioIo::new(stream), conn).await;
             }
@@ -291,6 +308,18 @@ impl Server {
                         return;
                     }
                 };
+                // Plaintext that came with the handshake is already there to read.
+                if stream.get_ref().1.wants_read()
+                    && !first_bytes(
+                        stream.get_ref().0,
+                        limits.header_read_timeout,
+                        &self.shutdown,
+                    )
+                    .await
+                {
+                    tracing::debug!(%peer, "Connection sent nothing after its handshake; closed.");
+                    return;
+                }
                 if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                     builder = builder.http2_only();
                 }

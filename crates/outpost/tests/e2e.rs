@@ -526,6 +526,71 @@ async fn hostile_and_malformed_requests_get_clean_errors() {
     .await;
     assert!(r.starts_with("HTTP/1.1 405"), "connect: {r:.80}");
 
+    // A connection that never sends a byte is closed too (hyper's timeout starts at the first
+    // byte; a silent client would otherwise hold a connection slot for ever).
+    let started = std::time::Instant::now();
+    let r = raw_exchange(node.addr, b"", SECS(8)).await;
+    assert!(
+        r.is_empty() && started.elapsed() < SECS(6),
+        "silent client not closed ({:?}): {r:.80}",
+        started.elapsed()
+    );
+
+    // One host per request (RFC 9112 §3.2): two Host lines or none on HTTP/1.1 are refused;
+    // an absolute-form target's authority replaces Host, for routing and for the origin.
+    let r = raw_exchange(
+        node.addr,
+        b"GET /echo HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+        d,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "two hosts: {r:.80}");
+    let r = raw_exchange(
+        node.addr,
+        b"GET /echo HTTP/1.1\r\nConnection: close\r\n\r\n",
+        d,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "no host: {r:.80}");
+    let r = raw_exchange(
+        node.addr,
+        b"GET /echo HTTP/1.1\r\nHost: u@a.test\r\nConnection: close\r\n\r\n",
+        d,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "userinfo in host: {r:.80}");
+    let r = raw_exchange(
+        node.addr,
+        b"GET http://shop.test/echo/abs HTTP/1.1\r\nHost: admin.test\r\nConnection: close\r\n\r\n",
+        d,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "absolute form: {r:.80}");
+    let echo: Value =
+        serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap_or("").trim()).expect("echo json");
+    assert_eq!(header_of(&echo, "host"), vec!["shop.test"], "{echo}");
+
+    // A client's broken body is the client's fault: 400, and the origin is not ejected for it
+    // (five such requests in a row used to eject it and answer 503 to everyone).
+    for _ in 0..6 {
+        let r = raw_exchange(
+            node.addr,
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            d,
+        )
+        .await;
+        assert!(
+            r.starts_with("HTTP/1.1 400") && !r.contains("127.0.0.1"),
+            "bad chunk: {r:.300}"
+        );
+    }
+    let r = client()
+        .get(node.url("/echo/after-bad-bodies"))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 200, "the origin was not ejected");
+
     // And the node is still fine.
     let r = client()
         .get(node.url("/echo/ok"))

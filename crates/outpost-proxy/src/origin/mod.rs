@@ -25,7 +25,7 @@ use std::sync::LazyLock;
 
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::body::{BoxError, ProxyBody};
+use crate::body::{BodyState, BoxError, ProxyBody};
 use crate::geo::distance_km;
 use pool::{H1Pool, PoolError};
 
@@ -98,6 +98,10 @@ pub enum AttemptError {
     Timeout,
     /// The exchange broke after the connection was made.
     Broken(BoxError),
+    /// The exchange broke because of the client's body (malformed, cut short, over the limit).
+    ClientBody,
+    /// The timeout expired while the client's body was still arriving.
+    ClientBodyTimeout,
 }
 
 impl Endpoint {
@@ -252,15 +256,29 @@ impl Endpoint {
 
     /// Sends one request and waits for the response head, classifying the outcome and feeding
     /// passive health. With the response comes the time its head took, in seconds.
+    ///
+    /// `client_body` is how the client's body went, when it streams one: a failure it explains
+    /// (a body cut short, malformed or over the limit, or still arriving at the timeout) is the
+    /// client's, is not held against the endpoint and is not counted as an origin error.
     pub async fn send(
         &self,
         req: Request<ProxyBody>,
         timeout: Duration,
         passive: &Passive,
+        client_body: Option<&BodyState>,
     ) -> Result<(Response<ProxyBody>, f64), AttemptError> {
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, self.exchange(req)).await;
         let secs = started.elapsed().as_secs_f64();
+        if let Some(body) = client_body {
+            match &result {
+                Ok(Err(AttemptError::Broken(_))) if body.client_broke_it() => {
+                    return Err(AttemptError::ClientBody);
+                }
+                Err(_) if body.client_is_late() => return Err(AttemptError::ClientBodyTimeout),
+                _ => {}
+            }
+        }
         let outcome = match &result {
             Ok(Ok(resp)) => {
                 let failed = matches!(resp.status().as_u16(), 502..=504);
