@@ -469,6 +469,10 @@ pub struct Server {
     /// A client must send its whole request head within this time (slowloris guard).
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A client that takes nothing of a response for this long is disconnected (nginx's
+    /// `send_timeout`): it would otherwise hold its connection, and an origin connection, for ever.
+    #[serde(default = "default_send_timeout", with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// Largest request body for routes that do not set their own; larger → 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: ByteSize,
@@ -490,6 +494,7 @@ impl Default for Server {
             max_header_bytes: default_max_header_bytes(),
             max_headers: default_max_headers(),
             header_read_timeout: default_header_read_timeout(),
+            send_timeout: default_send_timeout(),
             max_body_bytes: default_max_body_bytes(),
             drain_timeout: default_drain_timeout(),
             max_connections: default_max_connections(),
@@ -1082,6 +1087,9 @@ fn default_max_headers() -> usize {
 }
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_max_body_bytes() -> ByteSize {
     ByteSize::mib(100)

@@ -609,13 +609,18 @@ fn check_server(c: &mut Checker, config: &Config) {
             None,
         );
     }
-    if s.header_read_timeout.is_zero() {
-        c.report(
-            path(&[&"server", &"header_read_timeout"]),
-            "header_read_timeout must be positive".to_owned(),
-            "zero",
-            Some("e.g. \"10s\"".to_owned()),
-        );
+    for (key, value, example) in [
+        ("header_read_timeout", s.header_read_timeout, "10s"),
+        ("send_timeout", s.send_timeout, "60s"),
+    ] {
+        if value.is_zero() {
+            c.report(
+                path(&[&"server", &key]),
+                format!("{key} must be positive"),
+                "zero",
+                Some(format!("e.g. \"{example}\"")),
+            );
+        }
     }
 }
 

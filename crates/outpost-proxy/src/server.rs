@@ -8,8 +8,11 @@
 //! and swap certificates without touching connections on listeners that stay.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -58,6 +61,110 @@ async fn first_bytes(tcp: &TcpStream, within: Duration, shutdown: &CancellationT
     tokio::select! {
         got = tokio::time::timeout(within, tcp.peek(&mut byte)) => matches!(got, Ok(Ok(_))),
         () = shutdown.cancelled() => false,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client connection whose writes fail once the client has taken nothing for `limit`
+    /// (nginx's `send_timeout`). Without it a client that never reads a large response holds its
+    /// connection and the origin connection feeding it for ever; memory stays bounded either way.
+    struct SendDeadline<I> {
+        #[pin]
+        io: I,
+        limit: Duration,
+        // Started at the first write that could not go through, dropped at the next that did.
+        stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<I> SendDeadline<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        SendDeadline {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    fn get_ref(&self) -> &I {
+        &self.io
+    }
+}
+
+/// A write that made no progress: pending until the client has taken nothing for `limit`.
+fn stalled<T>(
+    slot: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    limit: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<T>> {
+    let timer = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+    match timer.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took nothing of the response within send_timeout",
+        ))),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for SendDeadline<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for SendDeadline<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        match this.io.poll_write(cx, buf) {
+            Poll::Pending => stalled(this.stalled, *this.limit, cx),
+            done => {
+                *this.stalled = None;
+                done
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        match this.io.poll_write_vectored(cx, bufs) {
+            Poll::Pending => stalled(this.stalled, *this.limit, cx),
+            done => {
+                *this.stalled = None;
+                done
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        match this.io.poll_flush(cx) {
+            Poll::Pending => stalled(this.stalled, *this.limit, cx),
+            done => {
+                *this.stalled = None;
+                done
+            }
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
     }
 }
 
@@ -292,11 +399,13 @@ impl Server {
                     return;
                 }
                 let conn = Arc::new(ConnInfo::new(peer, Scheme::Http));
-                self.serve(builder, TokioIo::new(stream), conn).await;
+                let io = SendDeadline::new(stream, limits.send_timeout);
+                self.serve(builder, TokioIo::new(io), conn).await;
             }
             Some(tls) => {
+                let io = SendDeadline::new(stream, limits.send_timeout);
                 let handshake =
-                    tokio::time::timeout(limits.header_read_timeout, tls.accept(stream)).await;
+                    tokio::time::timeout(limits.header_read_timeout, tls.accept(io)).await;
                 let stream = match handshake {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
@@ -311,7 +420,7 @@ impl Server {
                 // Plaintext that came with the handshake is already there to read.
                 if stream.get_ref().1.wants_read()
                     && !first_bytes(
-                        stream.get_ref().0,
+                        stream.get_ref().0.get_ref(),
                         limits.header_read_timeout,
                         &self.shutdown,
                     )
@@ -352,5 +461,50 @@ impl Server {
                 let _ = connection.await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client that reads nothing: once its buffer is full, writes fail after the limit.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_nothing_is_cut_off_after_send_timeout() {
+        let (ours, _client) = tokio::io::duplex(64);
+        let mut io = SendDeadline::new(ours, Duration::from_secs(60));
+        let started = tokio::time::Instant::now();
+        let err = io
+            .write_all(&[7u8; 1024])
+            .await
+            .expect_err("the client never reads");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+    }
+
+    /// A slow client that keeps taking something is never cut off, however long it all takes.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_client_that_keeps_reading_is_not_cut_off() {
+        let (ours, mut client) = tokio::io::duplex(64);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            loop {
+                tokio::time::sleep(Duration::from_secs(50)).await;
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        let mut io = SendDeadline::new(ours, Duration::from_secs(60));
+        io.write_all(&[7u8; 1024])
+            .await
+            .expect("the client keeps reading");
+        io.shutdown().await.expect("shutdown");
+        drop(io);
+        let got = reader.await.expect("reader");
+        assert_eq!(got.len(), 1024);
     }
 }

@@ -445,9 +445,10 @@ async fn hostile_and_malformed_requests_get_clean_errors() {
     let origin = Origin::echo("us-west").await;
     let node = Node::start(
         &NodeConfig::new()
-            .raw("[server]\nmax_header_bytes = \"16 KiB\"\nmax_headers = 50\nheader_read_timeout = \"1s\"\n")
+            .raw("[server]\nmax_header_bytes = \"16 KiB\"\nmax_headers = 50\nheader_read_timeout = \"1s\"\nsend_timeout = \"1s\"\n")
             .origin("api", &[(&origin, PORTLAND)], "")
-            .route("api", "/echo", "api", "max_body_bytes = 1000"),
+            .route("api", "/echo", "api", "max_body_bytes = 1000")
+            .route("bytes", "/bytes", "api", ""),
     )
     .await;
     let d = SECS(10);
@@ -590,6 +591,36 @@ async fn hostile_and_malformed_requests_get_clean_errors() {
         .await
         .expect("req");
     assert_eq!(r.status(), 200, "the origin was not ejected");
+
+    // A client that asks for a large answer and takes none of it is cut off after
+    // send_timeout, instead of holding its connection (and an origin connection) for ever.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const SIZE: usize = 200 << 20;
+        let mut s = tokio::net::TcpStream::connect(node.addr)
+            .await
+            .expect("connect");
+        s.write_all(format!("GET /bytes/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        tokio::time::sleep(SECS(3)).await;
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let read_all = async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+        };
+        let ended = tokio::time::timeout(SECS(20), read_all).await;
+        assert!(ended.is_ok(), "the connection was not closed");
+        assert!(
+            got < SIZE,
+            "the whole answer arrived ({got} bytes): not cut off"
+        );
+    }
 
     // And the node is still fine.
     let r = client()
