@@ -237,30 +237,58 @@ fn settle_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// `uri-host [ ":" port ]` without userinfo (RFC 9110 §7.2): what a Host or `:authority` may be.
+/// `uri-host [ ":" port ]` without userinfo (RFC 9110 §7.2, RFC 3986 §3.2.2): what a Host or
+/// `:authority` may be. Checked by hand, byte by byte: it runs on every request, and `Authority`
+/// parsing copies the value first.
 fn is_valid_host(v: &[u8]) -> bool {
-    if v.is_empty() || v.contains(&b'@') || http::uri::Authority::try_from(v).is_err() {
-        return false;
-    }
-    let Ok(s) = std::str::from_utf8(v) else {
-        return false;
-    };
-    let (host, port) = match s.strip_prefix('[') {
+    let (host, port) = match v.strip_prefix(b"[") {
         // An IP literal: `[v6]` or `[v6]:port`.
-        Some(rest) => match rest.split_once(']') {
-            Some((literal, "")) => (literal, None),
-            Some((literal, after)) => match after.strip_prefix(':') {
-                Some(port) => (literal, Some(port)),
-                None => return false,
-            },
-            None => return false,
-        },
-        None => match s.split_once(':') {
-            Some((name, port)) => (name, Some(port)),
-            None => (s, None),
+        Some(rest) => {
+            let Some(close) = rest.iter().position(|b| *b == b']') else {
+                return false;
+            };
+            let (literal, after) = (&rest[..close], &rest[close + 1..]);
+            let literal_ok = !literal.is_empty()
+                && literal
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'v' | b'V'));
+            if !literal_ok {
+                return false;
+            }
+            match after {
+                [] => return true,
+                [b':', port @ ..] => (&b"x"[..], port),
+                _ => return false,
+            }
+        }
+        None => match v.iter().position(|b| *b == b':') {
+            Some(colon) => (&v[..colon], &v[colon + 1..]),
+            None => (v, &b""[..]),
         },
     };
-    !host.is_empty() && port.is_none_or(|p| p.bytes().all(|b| b.is_ascii_digit()))
+    let reg_name_ok = !host.is_empty()
+        && host.iter().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        });
+    reg_name_ok && port.iter().all(u8::is_ascii_digit)
 }
 
 /// [`request_host`] as a header value to forward: the client's own `Host` value (a clone
@@ -1069,6 +1097,14 @@ pub(crate) async fn send_to_origin(
                     reason: "it switched protocols, which was not asked".into(),
                 });
             }
+            // hyper removes only `chunked`; any other transfer coding (gzip, chunked) would reach
+            // the client as raw compressed bytes once the hop-by-hop field is dropped.
+            Ok((response, _)) if has_unremovable_coding(response.headers()) => {
+                return Err(ProxyError::OriginBroken {
+                    endpoint: endpoint.authority.to_string(),
+                    reason: "it used a transfer coding other than chunked".into(),
+                });
+            }
             Ok((response, secs)) => {
                 return Ok(Forwarded {
                     response,
@@ -1113,6 +1149,16 @@ pub(crate) async fn send_to_origin(
         }
     }
     Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(group.name.clone())))
+}
+
+/// Whether a response's `Transfer-Encoding` names a coding besides `chunked` (RFC 9112 §6.1).
+fn has_unremovable_coding(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked"))
 }
 
 /// The request body to send: none, the client's stream, or bytes already read (outbox).
@@ -1213,6 +1259,18 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_chunked_transfer_coding_passes() {
+        let te = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            has_unremovable_coding(&h)
+        };
+        assert!(!has_unremovable_coding(&HeaderMap::new()));
+        assert!(!te("chunked") && !te("Chunked "));
+        assert!(te("gzip, chunked") && te("deflate"));
+    }
 
     #[test]
     fn hosts_are_uri_host_and_port_only() {
