@@ -654,10 +654,30 @@ fn check_listeners(c: &mut Checker, config: &Config) {
         }
     }
     let admin_path = path(&[&"admin", &"addr"]);
+    // A blank token can never be sent (header values are trimmed), and an empty one means none.
+    let token_blank = config
+        .admin
+        .token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty());
+    if token_blank {
+        c.report(
+            path(&[&"admin", &"token"]),
+            "the admin token is empty or blank".to_owned(),
+            "blank",
+            Some(
+                "leave it out (no token: state-changing endpoints are off), or set a secret"
+                    .to_owned(),
+            ),
+        );
+    }
+    // The token may come from the environment at start (`outpost serve` reads it first).
+    let env_token = std::env::var("OUTPOST_ADMIN_TOKEN").is_ok_and(|t| !t.trim().is_empty());
     if let Some(admin) = c.addr(admin_path.clone(), &config.admin.addr) {
         if !admin.ip().is_loopback()
-            && config.admin.token.is_none()
+            && (config.admin.token.is_none() || token_blank)
             && config.admin.token_file.is_none()
+            && !env_token
         {
             c.report(
                 admin_path.clone(),

@@ -55,7 +55,7 @@ pub enum ServerError {
 /// first byte, so a client that connects and stays silent would hold a connection slot (of
 /// `max_connections`) forever.
 /// A drain does not wait for such a client either.
-async fn first_bytes(tcp: &TcpStream, within: Duration, shutdown: &CancellationToken) -> bool {
+pub async fn first_bytes(tcp: &TcpStream, within: Duration, shutdown: &CancellationToken) -> bool {
     // `peek`, not `readable`: readiness may be reported before any byte is there.
     let mut byte = [0u8; 1];
     tokio::select! {
@@ -68,7 +68,7 @@ pin_project_lite::pin_project! {
     /// A client connection whose writes fail once the client has taken nothing for `limit`
     /// (nginx's `send_timeout`). Without it a client that never reads a large response holds its
     /// connection and the origin connection feeding it for ever; memory stays bounded either way.
-    struct SendDeadline<I> {
+    pub struct SendDeadline<I> {
         #[pin]
         io: I,
         limit: Duration,
@@ -78,7 +78,8 @@ pin_project_lite::pin_project! {
 }
 
 impl<I> SendDeadline<I> {
-    fn new(io: I, limit: Duration) -> Self {
+    /// Wraps a client connection; its writes fail after `limit` without progress.
+    pub fn new(io: I, limit: Duration) -> Self {
         SendDeadline {
             io,
             limit,
@@ -86,7 +87,8 @@ impl<I> SendDeadline<I> {
         }
     }
 
-    fn get_ref(&self) -> &I {
+    /// The wrapped connection.
+    pub fn get_ref(&self) -> &I {
         &self.io
     }
 }

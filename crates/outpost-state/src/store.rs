@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +38,9 @@ const MAX_BATCH: usize = 512;
 const MAX_NAME: usize = 128;
 /// Longest KV key, set element or map key accepted.
 const MAX_KEY: usize = 1024;
+/// Longest KV time to live: expiry times must stay within the store's `i64` milliseconds, and
+/// a century is a key that never expires in all but name.
+const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// How to open the store.
 #[derive(Debug, Clone)]
@@ -160,6 +164,23 @@ struct Shared {
     depths: Mutex<outbox::Depths>,
     /// Woken after a commit that queued outbox entries.
     queued: Notify,
+    /// Cleared when the writer thread ends (a bug that panics it): the node can then take no
+    /// write, and its readiness must say so.
+    writing: AtomicBool,
+}
+
+/// Clears [`Shared::writing`] when the writer thread ends, by return or by panic.
+struct WriterAlive(Arc<Shared>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        self.0.writing.store(false, Ordering::Release);
+        if std::thread::panicking() {
+            tracing::error!(
+                "The local store's writer stopped after a bug; no write can be accepted until the node restarts."
+            );
+        }
+    }
 }
 
 enum Job {
@@ -241,6 +262,7 @@ impl Store {
             readers,
             depths: Mutex::new(depths),
             queued: Notify::new(),
+            writing: AtomicBool::new(true),
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let mut writer = Writer {
@@ -249,9 +271,13 @@ impl Store {
             clock,
             journal,
         };
+        let alive = WriterAlive(shared.clone());
         std::thread::Builder::new()
             .name("outpost-store".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                let _alive = alive;
+                writer.run(rx);
+            })
             .map_err(|source| StoreError::Io {
                 path: path.clone(),
                 source,
@@ -289,8 +315,16 @@ impl Store {
                 self.shared.options.max_value_bytes
             )));
         }
-        if ttl.is_some_and(|t| t.is_zero()) {
-            return Err(StoreError::Invalid("ttl must be at least 1 ms".into()));
+        if let Some(t) = ttl {
+            if t < Duration::from_millis(1) {
+                return Err(StoreError::Invalid("ttl must be at least 1 ms".into()));
+            }
+            if t > MAX_TTL {
+                return Err(StoreError::Invalid(format!(
+                    "ttl must be at most {} days (100 years); leave it out for a key that never expires",
+                    MAX_TTL.as_secs() / 86_400
+                )));
+            }
         }
         self.kv_write(PendingKv {
             ns: ns.into(),
@@ -338,6 +372,11 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         self.send(Job::Kv { write, reply })?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Whether the store still takes writes (its writer thread runs): readiness reports it.
+    pub fn is_writable(&self) -> bool {
+        self.shared.writing.load(Ordering::Acquire)
     }
 
     /// The live value of `ns`/`key`: expired and deleted keys are absent.
@@ -1066,9 +1105,15 @@ fn apply(
     match job {
         Job::Kv { write, reply } => {
             let stamp = clock.now(now_ms());
-            let expires_ms = write
-                .ttl
-                .map(|t| stamp.wall_ms.max(now_ms()) + t.as_millis() as u64);
+            // `kv_put` keeps ttl within MAX_TTL; saturate anyway rather than wrap.
+            let expires_ms = write.ttl.map(|t| {
+                let ttl_ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
+                stamp
+                    .wall_ms
+                    .max(now_ms())
+                    .saturating_add(ttl_ms)
+                    .min(i64::MAX as u64)
+            });
             let w = KvWrite {
                 ns: write.ns,
                 key: write.key,
@@ -1132,6 +1177,22 @@ fn apply(
                     existing: obj.kind().as_str(),
                     wanted: kind.as_str(),
                 };
+                return Done::Failed(Job::Crdt { name, op, reply }, err);
+            }
+            let in_range = match (&*obj, &op) {
+                (Crdt::GCounter(c), Op::GIncr(n)) => c.can_incr(clock.replica(), *n),
+                (Crdt::PNCounter(c), Op::Add(by)) => c.can_add(clock.replica(), *by),
+                _ => true,
+            };
+            if !in_range {
+                let err = StoreError::Invalid(format!(
+                    "counter `{name}` would leave its range ({}); the change was not applied",
+                    if kind == Kind::GCounter {
+                        "0 to 18446744073709551615"
+                    } else {
+                        "-9223372036854775808 to 9223372036854775807"
+                    }
+                ));
                 return Done::Failed(Job::Crdt { name, op, reply }, err);
             }
             let delta = apply_op(obj, &op, clock, &mut staged.last_stamp);
@@ -1297,21 +1358,9 @@ fn apply_op(obj: &mut Crdt, op: &Op, clock: &mut HlcClock, last_stamp: &mut Opti
     match (obj, op) {
         (Crdt::GCounter(c), Op::GIncr(n)) => Crdt::GCounter(c.incr(replica, *n)),
         (Crdt::PNCounter(c), Op::Add(n)) => Crdt::PNCounter(c.add(replica, *n)),
-        (Crdt::ORSet(s), Op::SetAdd(els)) => {
-            let mut delta = crate::crdt::ORSet::default();
-            for e in els {
-                let d = s.add(replica, e.clone());
-                delta.merge(&d);
-            }
-            Crdt::ORSet(delta)
-        }
+        (Crdt::ORSet(s), Op::SetAdd(els)) => Crdt::ORSet(s.add_all(replica, els.iter().cloned())),
         (Crdt::ORSet(s), Op::SetRemove(els)) => {
-            let mut delta = crate::crdt::ORSet::default();
-            for e in els {
-                let d = s.remove(e);
-                delta.merge(&d);
-            }
-            Crdt::ORSet(delta)
+            Crdt::ORSet(s.remove_all(els.iter().map(String::as_str)))
         }
         (Crdt::LwwRegister(r), Op::RegisterSet(v)) => {
             let stamp = clock.now(now_ms());

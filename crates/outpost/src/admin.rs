@@ -40,13 +40,79 @@ pub async fn serve(
                     require_token,
                 )),
         )
-        .with_state(life);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "Admin API stopped.");
+        .with_state(life.clone());
+    let limits = life.node.snapshot().config.server.clone();
+    serve_connections(listener, app, limits, shutdown).await;
+}
+
+/// Most admin connections at once. The admin API is for operators and the CLI: a few dozen is
+/// plenty, and the cap keeps idle sockets from using up the node's file descriptors (which the
+/// proxy listeners need).
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// The admin listener's accept loop, with the proxy listeners' guards: a connection cap, the
+/// first-byte and header-read timeouts (slowloris) and the send timeout. `axum::serve` has none
+/// of these.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: outpost_config::Server,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use outpost_proxy::server::{SendDeadline, first_bytes};
+
+    let permits = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Admin accept failed.");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        let limits = limits.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            if !first_bytes(&stream, limits.header_read_timeout, &shutdown).await {
+                tracing::debug!(%peer, "Admin connection sent nothing in time; closed.");
+                return;
+            }
+            let io = TokioIo::new(SendDeadline::new(stream, limits.send_timeout));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(%peer, error = %e, "Admin connection ended with an error.");
+                    }
+                }
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
     }
+    connections.close();
+    connections.wait().await;
 }
 
 async fn metrics(State(life): State<Arc<Lifecycle>>) -> Response {
@@ -63,6 +129,12 @@ async fn metrics(State(life): State<Arc<Lifecycle>>) -> Response {
 async fn readyz(State(life): State<Arc<Lifecycle>>) -> Response {
     if life.draining.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !life.store.is_writable() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the local store takes no writes (see the log); restart the node\n",
+        )
+            .into_response()
     } else if life.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n").into_response()
     } else {

@@ -144,10 +144,11 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
 }
 
 pub fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
+    // Surrounding whitespace could never be sent: header values are trimmed.
     if let Ok(t) = std::env::var("OUTPOST_ADMIN_TOKEN")
-        && !t.is_empty()
+        && !t.trim().is_empty()
     {
-        return Ok(Some(t));
+        return Ok(Some(t.trim().to_owned()));
     }
     if let Some(file) = &config.admin.token_file {
         let path = config.base_dir.join(file);
@@ -159,7 +160,13 @@ pub fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
         }
         return Ok(Some(token));
     }
-    Ok(config.admin.token.clone().filter(|t| !t.is_empty()))
+    Ok(config
+        .admin
+        .token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned))
 }
 
 async fn serve(config_path: PathBuf, config: Config) -> anyhow::Result<()> {

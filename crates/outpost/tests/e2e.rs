@@ -536,6 +536,22 @@ async fn hostile_and_malformed_requests_get_clean_errors() {
         "silent client not closed ({:?}): {r:.80}",
         started.elapsed()
     );
+    // The admin listener has the same guards (it used to have none: idle sockets there could
+    // use up the node's file descriptors).
+    let started = std::time::Instant::now();
+    let r = raw_exchange(node.admin, b"GET /livez HTTP/1.1\r\nHost: x\r\n", SECS(8)).await;
+    assert!(
+        started.elapsed() < SECS(6),
+        "slow admin client not cut off ({:?}): {r:.80}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
+    let r = raw_exchange(node.admin, b"", SECS(8)).await;
+    assert!(
+        r.is_empty() && started.elapsed() < SECS(6),
+        "silent admin client not closed ({:?}): {r:.80}",
+        started.elapsed()
+    );
 
     // One host per request (RFC 9112 §3.2): two Host lines or none on HTTP/1.1 are refused;
     // an absolute-form target's authority replaces Host, for routing and for the origin.

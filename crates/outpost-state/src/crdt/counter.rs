@@ -47,6 +47,14 @@ impl GCounter {
             .fold(0u64, |acc, &n| acc.saturating_add(n))
     }
 
+    /// Whether adding `n` for `replica` keeps both its own count and the sum within `u64`:
+    /// beyond, `incr` would saturate and acknowledge an increment that did not count.
+    pub fn can_incr(&self, replica: ReplicaId, n: u64) -> bool {
+        let own = self.counts.get(&replica).copied().unwrap_or(0);
+        let sum: u128 = self.counts.values().map(|&c| u128::from(c)).sum();
+        own.checked_add(n).is_some() && sum + u128::from(n) <= u128::from(u64::MAX)
+    }
+
     /// Joins a full state or a delta: pointwise max.
     pub fn merge(&mut self, other: &GCounter) {
         for (&replica, &n) in &other.counts {
@@ -98,6 +106,15 @@ impl PNCounter {
             delta.n = self.n.incr(replica, by.unsigned_abs());
         }
         delta
+    }
+
+    /// Whether adding `by` for `replica` keeps the value within `i64` (and each half within
+    /// `u64`): beyond, the value would clamp and an acknowledged change would not show.
+    pub fn can_add(&self, replica: ReplicaId, by: i64) -> bool {
+        let sum = |g: &GCounter| g.counts.values().map(|&n| i128::from(n)).sum::<i128>();
+        let next = sum(&self.p) - sum(&self.n) + i128::from(by);
+        let half = if by >= 0 { &self.p } else { &self.n };
+        i64::try_from(next).is_ok() && half.can_incr(replica, by.unsigned_abs())
     }
 
     /// The counter's value, computed in `i128` and clamped to the `i64` range.

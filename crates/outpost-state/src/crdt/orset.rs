@@ -41,6 +41,44 @@ impl ORSet {
         }
     }
 
+    /// Adds every element in turn; returns one delta, equal to merging each [`ORSet::add`]'s.
+    /// Linear in the elements: merging per-element deltas walks the growing delta each time,
+    /// which made a request adding 16k elements take half a minute.
+    pub fn add_all<S: Into<String>>(
+        &mut self,
+        replica: ReplicaId,
+        elements: impl IntoIterator<Item = S>,
+    ) -> ORSet {
+        let mut entries = BTreeMap::new();
+        let mut seen = Vec::new();
+        for element in elements {
+            let element = element.into();
+            let dot = self.ctx.next_dot(replica);
+            if let Some(old) = self.entries.insert(element.clone(), BTreeSet::from([dot])) {
+                seen.extend(old);
+            }
+            seen.push(dot);
+            entries.insert(element, BTreeSet::from([dot]));
+        }
+        ORSet {
+            entries,
+            ctx: CausalContext::from_dots(seen),
+        }
+    }
+
+    /// Removes every element as observed here; returns one delta, equal to merging each
+    /// [`ORSet::remove`]'s, in linear time.
+    pub fn remove_all<'a>(&mut self, elements: impl IntoIterator<Item = &'a str>) -> ORSet {
+        let dots: Vec<Dot> = elements
+            .into_iter()
+            .flat_map(|e| self.entries.remove(e).unwrap_or_default())
+            .collect();
+        ORSet {
+            entries: BTreeMap::new(),
+            ctx: CausalContext::from_dots(dots),
+        }
+    }
+
     /// Removes `element` as observed here; returns the delta to ship (no entries, a context of
     /// the removed dots). Adds this replica has not seen are unaffected.
     pub fn remove(&mut self, element: &str) -> ORSet {

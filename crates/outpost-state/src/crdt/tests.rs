@@ -400,6 +400,28 @@ proptest! {
 proptest! {
     #![proptest_config(config(96))]
 
+    /// `add_all` / `remove_all` give the state and the delta that one `add` / `remove` per
+    /// element, merged, give (repeats included).
+    #[test]
+    fn orset_batch_ops_equal_merged_single_ops(states in orsets(), pick in any::<prop::sample::Index>(), r in 0..3usize, els in prop::collection::vec(0..6u8, 0..8), add in any::<bool>()) {
+        let start = &states[pick.index(states.len())];
+        let names: Vec<String> = els.iter().map(|e| elem(*e)).collect();
+        let (mut one_by_one, mut batch) = (start.clone(), start.clone());
+        let mut merged = ORSet::new();
+        for n in &names {
+            let d = if add { one_by_one.add(R[r], n.clone()) } else { one_by_one.remove(n) };
+            merged.merge(&d);
+        }
+        let delta = if add {
+            batch.add_all(R[r], names.iter().cloned())
+        } else {
+            batch.remove_all(names.iter().map(String::as_str))
+        };
+        prop_assert_eq!(&batch, &one_by_one);
+        prop_assert_eq!(joined(start, &delta, ORSet::merge), joined(start, &merged, ORSet::merge));
+        prop_assert_eq!(delta, merged);
+    }
+
     #[test]
     fn orset_laws(states in orsets(), picks in prop::array::uniform3(any::<prop::sample::Index>()), r in 0..3usize, e in 0..6u8, add in any::<bool>()) {
         let [a, b, c] = picks.map(|i| &states[i.index(states.len())]);

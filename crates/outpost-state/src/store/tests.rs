@@ -574,3 +574,64 @@ async fn a_full_outbox_refuses_and_survives_reopen() {
         Some(("shop.example".into(), "/api/sales?1".into()))
     );
 }
+
+/// A ttl below 1 ms would be stored as already expired, and one past a century would overflow
+/// the expiry time (it panicked the writer thread): both are refused, and the store keeps going.
+#[tokio::test]
+async fn ttls_out_of_range_are_refused_and_the_store_keeps_writing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path(), false);
+    for ttl in [
+        Duration::from_nanos(1),
+        Duration::from_secs(101 * 365 * 86_400),
+        Duration::MAX,
+    ] {
+        let err = s
+            .kv_put("ns", "k", b"v".to_vec(), None, Some(ttl))
+            .await
+            .expect_err("out of range");
+        assert!(err.is_client_error(), "{ttl:?}: {err}");
+    }
+    s.kv_put(
+        "ns",
+        "k",
+        b"v".to_vec(),
+        None,
+        Some(Duration::from_secs(100 * 365 * 86_400)),
+    )
+    .await
+    .expect("a century is allowed");
+    assert!(s.kv_get("ns", "k").expect("get").is_some(), "and readable");
+}
+
+/// A counter change that would leave the counter's range is refused (it used to answer
+/// success and saturate or clamp, so an acknowledged change did not count), and the counter
+/// keeps its exact value.
+#[tokio::test]
+async fn counter_changes_past_the_range_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path(), false);
+    s.update("pn", Op::Add(i64::MAX)).await.expect("to the top");
+    let err = s.update("pn", Op::Add(1)).await.expect_err("past the top");
+    assert!(
+        err.is_client_error() && err.to_string().contains("range"),
+        "{err}"
+    );
+    s.update("pn", Op::Add(-5)).await.expect("back down");
+    assert_eq!(value(&s, "pn"), serde_json::json!(i64::MAX - 5));
+    s.update("neg", Op::Add(i64::MIN + 1))
+        .await
+        .expect("to the bottom");
+    s.update("neg", Op::Add(-1))
+        .await
+        .expect("exactly i64::MIN");
+    assert!(
+        s.update("neg", Op::Add(-1)).await.is_err(),
+        "past the bottom"
+    );
+    s.update("g", Op::GIncr(u64::MAX))
+        .await
+        .expect("to the top");
+    assert!(s.update("g", Op::GIncr(1)).await.is_err(), "past the top");
+    assert_eq!(value(&s, "g"), serde_json::json!(u64::MAX));
+}
