@@ -495,14 +495,26 @@ fn strip_tags(mut resp: Response<Body>) -> Response<Body> {
 
 /// `scheme://host/...` → `host/...` with the host lowercased; `host/...` as it is.
 fn normalise_purge_url(u: &str) -> String {
-    let rest = u
-        .strip_prefix("https://")
-        .or_else(|| u.strip_prefix("http://"))
-        .unwrap_or(u);
-    match rest.find('/') {
-        Some(i) => format!("{}{}", rest[..i].to_ascii_lowercase(), &rest[i..]),
-        None => rest.to_ascii_lowercase(),
-    }
+    // RFC 3986 §6.2.2-6.2.3: scheme and host in any case, the scheme's default port, and the
+    // fragment (never part of a request) name the same resource.
+    let u = u.split('#').next().unwrap_or(u);
+    let strip = |scheme: &str| {
+        u.get(..scheme.len())
+            .filter(|p| p.eq_ignore_ascii_case(scheme))
+            .map(|_| &u[scheme.len()..])
+    };
+    let (rest, default_port) = match (strip("https://"), strip("http://")) {
+        (Some(rest), _) => (rest, Some(":443")),
+        (None, Some(rest)) => (rest, Some(":80")),
+        (None, None) => (u, None),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let authority = authority.to_ascii_lowercase();
+    let authority = match default_port {
+        Some(port) => authority.strip_suffix(port).unwrap_or(&authority),
+        None => &authority,
+    };
+    format!("{authority}{path}")
 }
 
 /// The path of a `Location`-style reference when it points at `host` (relative references

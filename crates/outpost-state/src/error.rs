@@ -51,6 +51,14 @@ pub enum StoreError {
     /// A name, key or value the API refuses; the message says which limit.
     #[error("{0}")]
     Invalid(String),
+    /// A value larger than `state.max_value_size` (HTTP 413, like any body over a limit).
+    #[error("value of {len} bytes is larger than the {limit}-byte limit (state.max_value_size)")]
+    TooLarge {
+        /// The value's size.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The named object exists with another type (e.g. `incr` on a set).
     #[error(
         "{name:?} is a {existing}, not a {wanted}; pick another name or use the {existing} operations"
@@ -79,7 +87,7 @@ impl StoreError {
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            StoreError::Invalid(_) | StoreError::KindConflict { .. }
+            StoreError::Invalid(_) | StoreError::TooLarge { .. } | StoreError::KindConflict { .. }
         )
     }
 }

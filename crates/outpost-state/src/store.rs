@@ -308,13 +308,7 @@ impl Store {
     ) -> Result<Hlc, StoreError> {
         check_name("namespace", ns, MAX_NAME)?;
         check_name("key", key, MAX_KEY)?;
-        if value.len() > self.shared.options.max_value_bytes {
-            return Err(StoreError::Invalid(format!(
-                "value of {} bytes is larger than the {}-byte limit (state.max_value_size)",
-                value.len(),
-                self.shared.options.max_value_bytes
-            )));
-        }
+        self.check_value(value.len())?;
         if let Some(t) = ttl {
             if t < Duration::from_millis(1) {
                 return Err(StoreError::Invalid("ttl must be at least 1 ms".into()));
@@ -471,11 +465,9 @@ impl Store {
     }
 
     fn check_value(&self, len: usize) -> Result<(), StoreError> {
-        if len > self.shared.options.max_value_bytes {
-            return Err(StoreError::Invalid(format!(
-                "value of {len} bytes is larger than the {}-byte limit",
-                self.shared.options.max_value_bytes
-            )));
+        let limit = self.shared.options.max_value_bytes;
+        if len > limit {
+            return Err(StoreError::TooLarge { len, limit });
         }
         Ok(())
     }

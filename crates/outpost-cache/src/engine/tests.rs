@@ -810,6 +810,36 @@ async fn purge_by_url_prefix_and_tag_hard_and_soft() {
     );
 }
 
+/// Spellings of one URL (RFC 3986 §6.2.2-6.2.3) purge the same entry.
+#[tokio::test]
+async fn purge_urls_match_in_any_equivalent_spelling() {
+    let h = Harness::new();
+    let fake = Fake::new(|_| ok("max-age=60", "x"));
+    for spelling in [
+        "HTTP://SHOP.test/u/1",
+        "http://shop.test:80/u/1",
+        "HTTPS://shop.test:443/u/1",
+        "https://shop.test/u/1#section",
+    ] {
+        h.get(&fake, "/u/1", &[]).await;
+        assert_eq!(
+            h.cache
+                .purge(&PurgeTarget::Url(spelling.into()), false)
+                .await,
+            1,
+            "{spelling}"
+        );
+    }
+    h.get(&fake, "/u/1", &[]).await;
+    assert_eq!(
+        h.cache
+            .purge(&PurgeTarget::Url("http://shop.test:8080/u/1".into()), false)
+            .await,
+        0,
+        "another port is another origin"
+    );
+}
+
 #[tokio::test]
 async fn heuristic_freshness_only_for_heuristically_cacheable_statuses() {
     let h = Harness::new();

@@ -530,7 +530,33 @@ async fn the_state_api_answers_bad_calls_with_clear_errors() {
     assert_eq!(s, 400);
     let big = "x".repeat(2 << 20);
     let (s, body) = node.state("PUT", "/state/kv/ns/big", Some(&big)).await;
-    assert!(s == 400 || s == 413, "{s} {body}");
+    assert_eq!(s, 413, "{body}");
+    // Just over the value limit (1 MiB) but under the body limit: 413 from the store's check.
+    let over = "x".repeat((1 << 20) + 1);
+    let (s, body) = node.state("PUT", "/state/kv/ns/big", Some(&over)).await;
+    assert_eq!(s, 413, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("limit"),
+        "{body}"
+    );
+    // TTLs out of range are refused, not stored as already expired (or worse).
+    for ttl in ["1ns", "500000000y", "18446744073709551615s"] {
+        let (s, body) = node
+            .state("PUT", &format!("/state/kv/ns/t?ttl={ttl}"), Some("v"))
+            .await;
+        assert_eq!(s, 400, "ttl={ttl}: {body}");
+    }
+    let (s, _) = node.state("PUT", "/state/kv/other/after", Some("v")).await;
+    assert_eq!(s, 204, "the store still takes writes");
+    // The auth scheme is case-insensitive (RFC 9110 §11.1).
+    let r = c
+        .put(node.admin_url("/state/kv/other/scheme"))
+        .header("authorization", "bearer  test-token")
+        .body("v")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 204);
 
     // TTL: the key is there, then never returned once expired.
     let (s, _) = node
