@@ -69,21 +69,8 @@ nginx_port=$(bench_free_port)
 {
     echo "master_process off;"
     bench_nginx_head "$nginx_dir"
-    cat <<EOF
-    upstream origin {
-        server 127.0.0.1:$origin_port;
-        keepalive 64;
-    }
-    server {
-        listen 127.0.0.1:$nginx_port;
-        location / {
-            proxy_pass http://origin;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+    bench_nginx_proxy "$nginx_port" "$origin_port"
+    echo "}"
 } >"$nginx_dir/nginx.conf"
 bench_spawn nginx "${callgrind[@]}" "--callgrind-out-file=$BENCH_TMP/nginx.cg.%p" \
     nginx -p "$nginx_dir/" -c "$nginx_dir/nginx.conf" -g 'daemon off;'

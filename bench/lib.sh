@@ -536,6 +536,26 @@ http {
 EOF
 }
 
+# bench_nginx_proxy LISTEN_PORT ORIGIN_PORT: the server block of a pass-through nginx, with
+# upstream keepalive (the caller closes `http {`).
+bench_nginx_proxy() {
+    cat <<EOF
+    upstream origin {
+        server 127.0.0.1:$2;
+        keepalive 64;
+    }
+
+    server {
+        listen 127.0.0.1:$1;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+EOF
+}
+
 # bench_outpost_head PROXY_PORT ADMIN_PORT: the start of the outpost.toml of the benchmarks that
 # proxy to outpost-bench-origin: node bench-1, one listener, the admin listener, no access log.
 bench_outpost_head() {

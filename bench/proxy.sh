@@ -84,38 +84,11 @@ mkdir -p "$nginx_dir"
 chmod 755 "$BENCH_TMP" "$nginx_dir"
 nginx_port=$(bench_free_port)
 nginx_url="http://127.0.0.1:$nginx_port/"
-cat >"$nginx_dir/nginx.conf" <<EOF
-worker_processes 1;
-pid $nginx_dir/nginx.pid;
-error_log $nginx_dir/error.log warn;
-
-events {
-    worker_connections 1024;
-}
-
-http {
-    access_log off;
-    client_body_temp_path $nginx_dir/client_body;
-    proxy_temp_path $nginx_dir/proxy;
-    fastcgi_temp_path $nginx_dir/fastcgi;
-    uwsgi_temp_path $nginx_dir/uwsgi;
-    scgi_temp_path $nginx_dir/scgi;
-
-    upstream origin {
-        server 127.0.0.1:$origin_port;
-        keepalive 64;
-    }
-
-    server {
-        listen 127.0.0.1:$nginx_port;
-        location / {
-            proxy_pass http://origin;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+{
+    bench_nginx_head "$nginx_dir"
+    bench_nginx_proxy "$nginx_port" "$origin_port"
+    echo "}"
+} >"$nginx_dir/nginx.conf"
 nginx_args=(-p "$nginx_dir/" -c "$nginx_dir/nginx.conf" -e "$nginx_dir/error.log")
 nginx -t -q "${nginx_args[@]}" || bench_die "nginx rejects $nginx_dir/nginx.conf"
 bench_spawn nginx taskset -c "$BENCH_SERVER_CPU" nginx "${nginx_args[@]}" -g 'daemon off;'

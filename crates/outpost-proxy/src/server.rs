@@ -93,12 +93,18 @@ impl<I> SendDeadline<I> {
     }
 }
 
-/// A write that made no progress: pending until the client has taken nothing for `limit`.
-fn stalled<T>(
+/// Tracks one write attempt: progress drops the timer; no progress starts it (or keeps it
+/// running) and fails once the client has taken nothing for `limit`.
+fn track<T>(
+    polled: Poll<std::io::Result<T>>,
     slot: &mut Option<Pin<Box<tokio::time::Sleep>>>,
     limit: Duration,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<T>> {
+    if polled.is_ready() {
+        *slot = None;
+        return polled;
+    }
     let timer = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
     match timer.as_mut().poll(cx) {
         Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
@@ -126,13 +132,8 @@ impl<I: AsyncWrite> AsyncWrite for SendDeadline<I> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
-        match this.io.poll_write(cx, buf) {
-            Poll::Pending => stalled(this.stalled, *this.limit, cx),
-            done => {
-                *this.stalled = None;
-                done
-            }
-        }
+        let polled = this.io.poll_write(cx, buf);
+        track(polled, this.stalled, *this.limit, cx)
     }
 
     fn poll_write_vectored(
@@ -141,13 +142,8 @@ impl<I: AsyncWrite> AsyncWrite for SendDeadline<I> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
-        match this.io.poll_write_vectored(cx, bufs) {
-            Poll::Pending => stalled(this.stalled, *this.limit, cx),
-            done => {
-                *this.stalled = None;
-                done
-            }
-        }
+        let polled = this.io.poll_write_vectored(cx, bufs);
+        track(polled, this.stalled, *this.limit, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -156,13 +152,8 @@ impl<I: AsyncWrite> AsyncWrite for SendDeadline<I> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.project();
-        match this.io.poll_flush(cx) {
-            Poll::Pending => stalled(this.stalled, *this.limit, cx),
-            done => {
-                *this.stalled = None;
-                done
-            }
-        }
+        let polled = this.io.poll_flush(cx);
+        track(polled, this.stalled, *this.limit, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
