@@ -59,6 +59,9 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
+    /// A conditional write whose condition did not hold (HTTP 412); nothing changed.
+    #[error("precondition failed: {0}; nothing was written")]
+    PreconditionFailed(String),
     /// The named object exists with another type (e.g. `incr` on a set).
     #[error(
         "{name:?} is a {existing}, not a {wanted}; pick another name or use the {existing} operations"
@@ -87,7 +90,10 @@ impl StoreError {
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            StoreError::Invalid(_) | StoreError::TooLarge { .. } | StoreError::KindConflict { .. }
+            StoreError::Invalid(_)
+                | StoreError::TooLarge { .. }
+                | StoreError::PreconditionFailed(_)
+                | StoreError::KindConflict { .. }
         )
     }
 }

@@ -24,4 +24,4 @@ pub mod store;
 
 pub use change::{Batch, Change, KvWrite};
 pub use error::StoreError;
-pub use store::{Dirty, KvEntry, KvListed, Op, Store, StoreOptions, SweepStats};
+pub use store::{Dirty, KvCondition, KvEntry, KvListed, Op, Store, StoreOptions, SweepStats};

@@ -229,6 +229,20 @@ struct PendingKv {
     value: Option<Vec<u8>>,
     content_type: Option<String>,
     ttl: Option<Duration>,
+    condition: KvCondition,
+}
+
+/// What must hold of a key for a write to go ahead, checked in the writer's transaction so no
+/// other write can slip in between (the HTTP API's `If-Match: *` / `If-None-Match: *`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCondition {
+    /// Write whatever is there.
+    #[default]
+    Always,
+    /// Only replace a live value (`If-Match: *`).
+    Exists,
+    /// Only create: the key has no live value (`If-None-Match: *`).
+    Absent,
 }
 
 impl Store {
@@ -306,6 +320,21 @@ impl Store {
         content_type: Option<String>,
         ttl: Option<Duration>,
     ) -> Result<Hlc, StoreError> {
+        self.kv_put_if(ns, key, value, content_type, ttl, KvCondition::Always)
+            .await
+    }
+
+    /// [`Store::kv_put`] if `condition` holds when the write is applied; otherwise
+    /// [`StoreError::PreconditionFailed`] and nothing changes.
+    pub async fn kv_put_if(
+        &self,
+        ns: &str,
+        key: &str,
+        value: Vec<u8>,
+        content_type: Option<String>,
+        ttl: Option<Duration>,
+        condition: KvCondition,
+    ) -> Result<Hlc, StoreError> {
         check_name("namespace", ns, MAX_NAME)?;
         check_name("key", key, MAX_KEY)?;
         self.check_value(value.len())?;
@@ -326,6 +355,7 @@ impl Store {
             value: Some(value),
             content_type,
             ttl,
+            condition,
         })
         .await
     }
@@ -340,6 +370,7 @@ impl Store {
             value: None,
             content_type: None,
             ttl: None,
+            condition: KvCondition::Always,
         })
         .await
     }
@@ -1096,6 +1127,27 @@ fn apply(
 ) -> Done {
     match job {
         Job::Kv { write, reply } => {
+            if write.condition != KvCondition::Always {
+                let live = tx
+                    .prepare_cached(
+                        "SELECT 1 FROM kv WHERE ns = ?1 AND key = ?2 AND value IS NOT NULL
+                           AND (expires_ms IS NULL OR expires_ms > ?3)",
+                    )
+                    .and_then(|mut s| s.exists(params![write.ns, write.key, now_ms() as i64]));
+                let live = match live {
+                    Ok(l) => l,
+                    Err(e) => return Done::Failed(Job::Kv { write, reply }, e.into()),
+                };
+                let unmet = match write.condition {
+                    KvCondition::Exists if !live => Some("the key has no value to replace"),
+                    KvCondition::Absent if live => Some("the key already has a value"),
+                    _ => None,
+                };
+                if let Some(why) = unmet {
+                    let err = StoreError::PreconditionFailed(why.to_owned());
+                    return Done::Failed(Job::Kv { write, reply }, err);
+                }
+            }
             let stamp = clock.now(now_ms());
             // `kv_put` keeps ttl within MAX_TTL; saturate anyway rather than wrap.
             let expires_ms = write.ttl.map(|t| {
@@ -1342,6 +1394,7 @@ fn pending(w: KvWrite) -> PendingKv {
         value: w.value,
         content_type: w.content_type,
         ttl: None,
+        condition: KvCondition::Always,
     }
 }
 

@@ -30,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use outpost_state::crdt::{Crdt, Kind};
-use outpost_state::{Op, StoreError};
+use outpost_state::{KvCondition, Op, StoreError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -70,6 +70,7 @@ fn error(e: &StoreError) -> Response {
         StoreError::KindConflict { .. } => StatusCode::CONFLICT,
         StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
         StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        StoreError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
         StoreError::Closed => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -171,13 +172,38 @@ async fn kv_put(
             ));
         }
     };
+    let condition = match put_condition(&headers) {
+        Ok(c) => c,
+        Err(why) => return error(&StoreError::PreconditionFailed(why.to_owned())),
+    };
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    match life.store.kv_put(&ns, &key, body.to_vec(), ct, ttl).await {
+    match life
+        .store
+        .kv_put_if(&ns, &key, body.to_vec(), ct, ttl, condition)
+        .await
+    {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => error(&e),
+    }
+}
+
+/// The preconditions of a KV `PUT` (RFC 9110 §13.1.1-13.1.2). Values carry no entity tags, so
+/// `If-Match` with tags can never hold (412) and `If-None-Match` with tags always does; `*` asks
+/// whether the key has a value, checked atomically with the write.
+fn put_condition(headers: &HeaderMap) -> Result<KvCondition, &'static str> {
+    let star = |name: header::HeaderName| {
+        let values: Vec<&[u8]> = headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
+        (!values.is_empty()).then(|| values.iter().any(|v| v.trim_ascii() == b"*"))
+    };
+    match (star(header::IF_MATCH), star(header::IF_NONE_MATCH)) {
+        (Some(false), _) => Err("If-Match names entity tags, and KV values have none"),
+        (Some(true), Some(true)) => Err("If-Match: * and If-None-Match: * cannot both hold"),
+        (Some(true), _) => Ok(KvCondition::Exists),
+        (None, Some(true)) => Ok(KvCondition::Absent),
+        (None, _) => Ok(KvCondition::Always),
     }
 }
 

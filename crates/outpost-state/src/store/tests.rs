@@ -635,3 +635,52 @@ async fn counter_changes_past_the_range_are_refused_and_change_nothing() {
     assert!(s.update("g", Op::GIncr(1)).await.is_err(), "past the top");
     assert_eq!(value(&s, "g"), serde_json::json!(u64::MAX));
 }
+
+/// Conditional writes are checked in the writer's transaction: of many concurrent create-only
+/// writes exactly one succeeds; replace-only needs a live (not expired, not deleted) value.
+#[tokio::test]
+async fn conditional_kv_writes_are_atomic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path(), false);
+    let mut attempts = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let s = s.clone();
+        attempts.spawn(async move {
+            s.kv_put_if(
+                "ns",
+                "once",
+                format!("{i}").into_bytes(),
+                None,
+                None,
+                KvCondition::Absent,
+            )
+            .await
+        });
+    }
+    let results: Vec<_> = attempts.join_all().await;
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "exactly one create-only write wins");
+    assert!(results.iter().all(|r| match r {
+        Ok(_) => true,
+        Err(e) => matches!(e, StoreError::PreconditionFailed(_)) && e.is_client_error(),
+    }));
+
+    let replace = |key: &'static str| {
+        let s = s.clone();
+        async move {
+            s.kv_put_if("ns", key, b"new".to_vec(), None, None, KvCondition::Exists)
+                .await
+        }
+    };
+    assert!(replace("missing").await.is_err(), "nothing to replace");
+    s.kv_put("ns", "gone", b"v".to_vec(), None, None)
+        .await
+        .expect("put");
+    s.kv_delete("ns", "gone").await.expect("delete");
+    assert!(replace("gone").await.is_err(), "a deleted key has no value");
+    assert!(replace("once").await.is_ok(), "a live value is replaced");
+    assert_eq!(
+        s.kv_get("ns", "once").expect("get").map(|e| e.value),
+        Some(b"new".to_vec())
+    );
+}

@@ -548,6 +548,27 @@ async fn the_state_api_answers_bad_calls_with_clear_errors() {
     }
     let (s, _) = node.state("PUT", "/state/kv/other/after", Some("v")).await;
     assert_eq!(s, 204, "the store still takes writes");
+    // Conditional writes (RFC 9110 §13.1): create-only, replace-only, and entity tags, which
+    // KV values never carry, so If-Match with tags never holds.
+    let put_if = |key: &'static str, name: &'static str, value: &'static str| {
+        c.put(node.admin_url(&format!("/state/kv/cond/{key}")))
+            .bearer_auth("test-token")
+            .header(name, value)
+            .body("v")
+            .send()
+    };
+    let status = |r: reqwest::Result<reqwest::Response>| r.expect("put").status().as_u16();
+    assert_eq!(status(put_if("new", "if-none-match", "*").await), 204);
+    assert_eq!(status(put_if("new", "if-none-match", "*").await), 412);
+    assert_eq!(status(put_if("absent", "if-match", "*").await), 412);
+    assert_eq!(status(put_if("new", "if-match", "*").await), 204);
+    assert_eq!(status(put_if("new", "if-match", "\"v1\"").await), 412);
+    assert_eq!(
+        kv(&node, "cond", "absent").await,
+        None,
+        "a failed condition writes nothing"
+    );
+
     // The auth scheme is case-insensitive (RFC 9110 §11.1).
     let r = c
         .put(node.admin_url("/state/kv/other/scheme"))
