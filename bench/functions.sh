@@ -451,12 +451,9 @@ access_log = false
 [wasm]
 max_instances = 256
 cache_dir = "$BENCH_WASM_CACHE"
-
-[origins.api]
-[[origins.api.endpoints]]
-url = "http://127.0.0.1:$dead_port"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
+EOF
+        bench_outpost_origin "$dead_port" api
+        cat <<EOF
 
 [[routes]]
 name = "native"

@@ -324,16 +324,7 @@ EOF
 {
     bench_outpost_head "$proxy_port" "$admin_port"
     bench_outpost_origin "$origin_port"
-    if [[ -n $probe_port ]]; then
-        cat <<EOF
-
-[origins.probe]
-[[origins.probe.endpoints]]
-url = "http://127.0.0.1:$probe_port"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
-EOF
-    fi
+    [[ -z $probe_port ]] || bench_outpost_origin "$probe_port" probe
     # Every route is in the config, measured or not: the route table is the same whatever
     # BENCH_TARGETS says. Route names may not contain '+': jwt-eddsa-ratelimit, ...
     for t in "${ALL_TARGETS[@]}"; do

@@ -578,12 +578,13 @@ access_log = false
 EOF
 }
 
-# bench_outpost_origin ORIGIN_PORT: the origin group `bench`, one endpoint.
+# bench_outpost_origin ORIGIN_PORT [NAME]: the origin group NAME (default `bench`), one endpoint.
 bench_outpost_origin() {
+    local name=${2:-bench}
     cat <<EOF
 
-[origins.bench]
-[[origins.bench.endpoints]]
+[origins.$name]
+[[origins.$name.endpoints]]
 url = "http://127.0.0.1:$1"
 region = "local"
 location = { lat = 0.0, lon = 0.0 }

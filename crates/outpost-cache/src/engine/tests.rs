@@ -98,6 +98,15 @@ fn tagged(etag: &str, body: &'static str) -> Reply {
     ))
 }
 
+/// An answer with the given status, fields and body.
+fn reply(status: u16, fields: &[(&'static str, &str)], body: &'static [u8]) -> Reply {
+    Ok((
+        status,
+        fields.iter().map(|(n, v)| (*n, (*v).to_owned())).collect(),
+        Bytes::from_static(body),
+    ))
+}
+
 fn ok(cc: &str, body: &'static str) -> Reply {
     Ok((
         200,
@@ -1125,13 +1134,7 @@ async fn requests_the_edge_authenticated_share_only_what_the_origin_allows() {
 #[tokio::test]
 async fn empty_answers_are_stored_without_their_body_being_read() {
     let h = Harness::new();
-    let fake = Fake::new(|_| {
-        Ok((
-            204,
-            vec![("cache-control", "max-age=60".to_owned())],
-            Bytes::new(),
-        ))
-    });
+    let fake = Fake::new(|_| reply(204, &[("cache-control", "max-age=60")], b""));
     let handled = h
         .handled(&fake, &Method::GET, "/empty", HeaderMap::new(), false)
         .await;
@@ -1158,26 +1161,26 @@ async fn proxy_authentication_fields_are_never_stored() {
     let fake = Fake::new(move |_| {
         n += 1;
         if n == 1 {
-            Ok((
+            reply(
                 200,
-                vec![
-                    ("cache-control", "max-age=1".to_owned()),
-                    ("etag", "\"v1\"".to_owned()),
-                    ("proxy-authentication-info", "nextnonce=a".to_owned()),
-                    ("proxy-authenticate", "Basic realm=x".to_owned()),
-                    ("x-kept", "1".to_owned()),
+                &[
+                    ("cache-control", "max-age=1"),
+                    ("etag", "\"v1\""),
+                    ("proxy-authentication-info", "nextnonce=a"),
+                    ("proxy-authenticate", "Basic realm=x"),
+                    ("x-kept", "1"),
                 ],
-                Bytes::from_static(b"body"),
-            ))
+                b"body",
+            )
         } else {
-            Ok((
+            reply(
                 304,
-                vec![
-                    ("cache-control", "max-age=60".to_owned()),
-                    ("proxy-authentication-info", "nextnonce=b".to_owned()),
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("proxy-authentication-info", "nextnonce=b"),
                 ],
-                Bytes::new(),
-            ))
+                b"",
+            )
         }
     });
     let first = h.get(&fake, "/p", &[]).await;
@@ -1205,15 +1208,15 @@ async fn proxy_authentication_fields_are_never_stored() {
 async fn cdn_cache_control_overrides_cache_control_and_expires() {
     let h = Harness::new();
     let fake = Fake::new(|_| {
-        Ok((
+        reply(
             200,
-            vec![
-                ("cache-control", "no-store".to_owned()),
-                ("expires", "Thu, 01 Jan 1970 00:00:00 GMT".to_owned()),
-                ("cdn-cache-control", "max-age=60".to_owned()),
+            &[
+                ("cache-control", "no-store"),
+                ("expires", "Thu, 01 Jan 1970 00:00:00 GMT"),
+                ("cdn-cache-control", "max-age=60"),
             ],
-            Bytes::from_static(b"edge"),
-        ))
+            b"edge",
+        )
     });
     let first = h.get(&fake, "/cdn", &[]).await;
     assert!(first.cache_status().ends_with("stored"), "{first:?}");
@@ -1225,15 +1228,15 @@ async fn cdn_cache_control_overrides_cache_control_and_expires() {
     assert_eq!(fake.calls(), 1);
 
     let fake = Fake::new(|_| {
-        Ok((
+        reply(
             200,
-            vec![
-                ("cache-control", "max-age=600".to_owned()),
-                ("expires", "Fri, 01 Jan 2100 00:00:00 GMT".to_owned()),
-                ("cdn-cache-control", "max-age=0".to_owned()),
+            &[
+                ("cache-control", "max-age=600"),
+                ("expires", "Fri, 01 Jan 2100 00:00:00 GMT"),
+                ("cdn-cache-control", "max-age=0"),
             ],
-            Bytes::from_static(b"edge"),
-        ))
+            b"edge",
+        )
     });
     h.get(&fake, "/zero", &[]).await;
     h.get(&fake, "/zero", &[]).await;
