@@ -1,10 +1,12 @@
 //! The origin stage: origin groups, their endpoints, health, and nearest-healthy selection.
 //!
-//! Each endpoint owns a pooled hyper client (keep-alive, connect timeout) and its health:
+//! Each endpoint owns a connection pool (keep-alive, connect timeout: our HTTP/1.1 client in
+//! [`h1`] and [`pool`], hyper-util's client for h2) and its health:
 //! active checks ([`health`]) and passive ejection after consecutive live failures. Endpoint
 //! state survives config reloads when the endpoint's settings did not change, so a reload
 //! neither empties connection pools nor forgets that a region is down.
 
+pub mod h1;
 pub mod health;
 pub mod pool;
 

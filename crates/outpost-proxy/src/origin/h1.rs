@@ -1,0 +1,1659 @@
+//! The HTTP/1.1 client side of an origin connection: the request goes out and the response
+//! comes back on the task that asked for it.
+//!
+//! Why not hyper's client connection, which this replaced: hyper runs every origin connection
+//! as a task of its own and passes each request and response across channels, so an exchange
+//! paid for two extra task wake-ups and a second generic dispatcher. That was 11.5k of the 42k
+//! user-space instructions of a proxied request (`bench/instructions.sh`), the largest single
+//! cost left on the pass-through path. Here the handler's task writes the request and reads the
+//! response itself. Parsing is httparse's (the parser hyper uses); message framing follows
+//! RFC 9112 §6 and §7.1; nothing is buffered beyond one read.
+//!
+//! Reuse is conservative: a connection goes back to its pool only when the response said
+//! keep-alive, its body was read to its exact end with no byte left over, and the whole
+//! request went out.
+
+use std::fmt::Write as _;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version, request};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::pool::H1Pool;
+use crate::body::{BoxError, ProxyBody};
+
+/// Longest response head taken from an origin (nginx's `proxy_buffer_size` is 4–8 KiB).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head (hyper's limit too).
+pub const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Most bytes of trailer fields after a chunked body (they are read and dropped).
+const MAX_TRAILERS: usize = 16 * 1024;
+/// First read size; doubled after every read that filled it, up to [`READ_MAX`].
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 256 * 1024;
+
+/// Why an exchange with an origin failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// Reading from or writing to the connection failed.
+    #[error("origin connection failed: {0}")]
+    Io(#[from] io::Error),
+    /// The origin closed the connection before a response head.
+    #[error("the origin closed the connection before answering")]
+    ClosedBeforeAnswer,
+    /// The origin closed the connection in the middle of its response.
+    #[error("the origin closed the connection in the middle of its response")]
+    ClosedEarly,
+    /// The response head is not HTTP/1.x.
+    #[error("the origin's response head is malformed: {0}")]
+    BadHead(httparse::Error),
+    /// The response head is over [`MAX_HEAD`] bytes or [`MAX_HEADERS`] fields.
+    #[error("the origin's response head is over {MAX_HEAD} bytes or {MAX_HEADERS} fields")]
+    HeadTooLarge,
+    /// The response's framing or a field is invalid.
+    #[error("the origin's response is malformed: {0}")]
+    Malformed(&'static str),
+    /// The request body could not be read (the client's side: see `BodyState`).
+    #[error("reading the request body failed: {0}")]
+    RequestBody(BoxError),
+}
+
+/// A failed exchange, with what the pool needs to send the request again.
+#[derive(Debug)]
+pub struct Failure {
+    /// What went wrong.
+    pub error: ExchangeError,
+    /// The untouched request body, when the request may be sent again on a fresh connection:
+    /// no byte of a response arrived, the body was never read, and either nothing was written
+    /// or the method is idempotent (RFC 9110 §9.2.2). That is a reused connection the origin
+    /// closed as it was used.
+    pub retry: Option<ProxyBody>,
+}
+
+/// The byte stream under a connection.
+pub enum Stream {
+    /// http://
+    Plain(TcpStream),
+    /// https://
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One HTTP/1.1 connection to an origin, idle between exchanges.
+pub struct Conn {
+    io: Stream,
+    /// Bytes read and not yet consumed (empty while idle).
+    buf: BytesMut,
+    read_size: usize,
+    /// When it last went idle.
+    pub since: Instant,
+}
+
+impl Conn {
+    /// A connection over an established stream.
+    pub fn new(io: Stream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            read_size: READ_MIN,
+            since: Instant::now(),
+        }
+    }
+
+    /// Whether an idle connection can take a request: nothing arrived on it while it was idle.
+    /// Free when nothing did (tokio's cached readiness); otherwise one read tells a close or
+    /// stray bytes (both retire it) from a TLS session ticket (harmless).
+    pub fn still_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.tcp().poll_read_ready(&mut cx) {
+            Poll::Pending => return true,
+            Poll::Ready(Err(_)) => return false,
+            Poll::Ready(Ok(())) => {}
+        }
+        let mut probe = [0u8; 64];
+        let mut rb = ReadBuf::new(&mut probe);
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut rb),
+            Poll::Pending
+        )
+    }
+
+    /// Reads once more into the buffer; `Ok(0)` is the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < self.read_size {
+            self.buf.reserve(self.read_size);
+        }
+        let spare = self.buf.capacity() - self.buf.len();
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == spare && self.read_size < READ_MAX {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// Sends `head` + `body` on `conn` and waits for the response head; the response's body reads
+/// the rest from the connection and hands it back to `home` when it ends cleanly.
+///
+/// The request body is written while the response is awaited, as hyper does: an origin may
+/// answer (413, 401) before taking the whole body, and then the answer is returned at once.
+/// The rest of the body keeps going out while the response body is read (an origin may stream
+/// its answer as it consumes the upload); the connection is then not reused unless all of it
+/// went.
+pub async fn exchange(
+    mut conn: Conn,
+    head: &request::Parts,
+    body: ProxyBody,
+    home: &Arc<H1Pool>,
+) -> Result<Response<ProxyBody>, Failure> {
+    let mut out = Outgoing::new(head, body);
+    let mut received = false;
+    let result =
+        std::future::poll_fn(|cx| poll_exchange(&mut conn, &mut out, cx, &mut received)).await;
+    let failure = |error: ExchangeError, out: Outgoing| {
+        let retryable =
+            !received && !out.body_touched && (out.sent == 0 || is_idempotent(&head.method));
+        Failure {
+            error,
+            retry: retryable.then_some(out.body),
+        }
+    };
+    let parsed = match result {
+        Ok(p) => p,
+        Err(e) => return Err(failure(e, out)),
+    };
+    let head_request = head.method == Method::HEAD;
+    let (framing, keep_alive) = match framing(head_request, &parsed) {
+        Ok(f) => f,
+        Err(e) => return Err(failure(e, out)),
+    };
+    let mut response = Response::new(());
+    *response.status_mut() = parsed.status;
+    *response.version_mut() = parsed.version;
+    *response.headers_mut() = parsed.headers;
+    let mut origin_body = OriginBody {
+        conn: Some(conn),
+        framing,
+        keep_alive,
+        out: (!out.is_finished()).then_some(out),
+        home: home.clone(),
+    };
+    if matches!(origin_body.framing, Framing::Done) {
+        origin_body.finish();
+    }
+    Ok(response.map(|()| http_body_util::BodyExt::boxed_unsync(origin_body)))
+}
+
+/// RFC 9110 §9.2.2.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether a request with this method and no body states `Content-Length: 0` (RFC 9110 §8.6:
+/// a user agent sends it when the method defines a meaning for content).
+fn wants_zero_length(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET
+            | Method::HEAD
+            | Method::OPTIONS
+            | Method::TRACE
+            | Method::DELETE
+            | Method::CONNECT
+    )
+}
+
+/// The request on its way out: queued bytes, then the body's frames as they come.
+struct Outgoing {
+    queue: Vec<Bytes>,
+    body: ProxyBody,
+    chunked: bool,
+    /// Body bytes still owed under `Content-Length` framing.
+    owed: u64,
+    body_done: bool,
+    body_touched: bool,
+    flushed: bool,
+    /// Bytes written so far.
+    sent: u64,
+    /// The connection stopped taking bytes; the response may still come.
+    write_failed: Option<io::Error>,
+}
+
+impl Outgoing {
+    fn new(head: &request::Parts, body: ProxyBody) -> Outgoing {
+        let empty = body.is_end_stream();
+        let length = if empty {
+            Some(0)
+        } else {
+            body.size_hint().exact()
+        };
+        let path = head
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str);
+        let mut buf = BytesMut::with_capacity(256 + path.len());
+        buf.extend_from_slice(head.method.as_str().as_bytes());
+        buf.extend_from_slice(b" ");
+        buf.extend_from_slice(path.as_bytes());
+        buf.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut had_length = false;
+        for (name, value) in &head.headers {
+            // Framing is this side's to set, from the body actually sent.
+            if name == header::CONTENT_LENGTH {
+                had_length = true;
+                continue;
+            }
+            if name == header::TRANSFER_ENCODING {
+                continue;
+            }
+            buf.extend_from_slice(name.as_str().as_bytes());
+            buf.extend_from_slice(b": ");
+            buf.extend_from_slice(value.as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
+        let chunked = match length {
+            Some(0) if !had_length && !wants_zero_length(&head.method) => false,
+            Some(n) => {
+                let _ = write!(buf, "content-length: {n}\r\n");
+                false
+            }
+            None => {
+                buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                true
+            }
+        };
+        buf.extend_from_slice(b"\r\n");
+        Outgoing {
+            queue: vec![buf.freeze()],
+            body,
+            chunked,
+            owed: length.unwrap_or(0),
+            body_done: empty,
+            body_touched: false,
+            flushed: false,
+            sent: 0,
+            write_failed: None,
+        }
+    }
+
+    /// The whole request went out.
+    fn is_complete(&self) -> bool {
+        self.body_done && self.queue.is_empty() && self.flushed && self.write_failed.is_none()
+    }
+
+    /// Nothing more will be written: all of it went, or the connection stopped taking bytes.
+    fn is_finished(&self) -> bool {
+        self.is_complete() || self.write_failed.is_some()
+    }
+
+    /// Writes what it can; returns an error only for a failed request body.
+    fn poll_write(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Result<(), ExchangeError> {
+        while self.write_failed.is_none() {
+            if !self.queue.is_empty() {
+                let mut slices = [IoSlice::new(&[]); 4];
+                let n = self.queue.len().min(slices.len());
+                for (slice, bytes) in slices.iter_mut().zip(&self.queue) {
+                    *slice = IoSlice::new(bytes);
+                }
+                match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]) {
+                    Poll::Ready(Ok(0)) => {
+                        self.write_failed = Some(io::ErrorKind::WriteZero.into());
+                    }
+                    Poll::Ready(Ok(written)) => self.advance(written),
+                    Poll::Ready(Err(e)) => self.write_failed = Some(e),
+                    Poll::Pending => return Ok(()),
+                }
+            } else if !self.body_done {
+                self.poll_body(cx)?;
+                if self.queue.is_empty() && !self.body_done {
+                    return Ok(());
+                }
+            } else if !self.flushed {
+                match Pin::new(&mut *io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.flushed = true,
+                    Poll::Ready(Err(e)) => self.write_failed = Some(e),
+                    Poll::Pending => return Ok(()),
+                }
+            } else {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        self.sent += written as u64;
+        while written > 0 {
+            let Some(first) = self.queue.first_mut() else {
+                return;
+            };
+            if written >= first.len() {
+                written -= first.len();
+                self.queue.remove(0);
+            } else {
+                first.advance(written);
+                written = 0;
+            }
+        }
+    }
+
+    /// Queues the body's next frame, if one is ready (hyper's rule: a body that says it is at
+    /// its end is not polled again).
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Result<(), ExchangeError> {
+        self.body_touched = true;
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Pending => {}
+            Poll::Ready(Some(Ok(frame))) => {
+                // Trailers of a client's body are dropped, as hyper's client drops them.
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    self.queue_data(data)?;
+                }
+                if self.body.is_end_stream() {
+                    self.end_body()?;
+                }
+            }
+            Poll::Ready(Some(Err(e))) => return Err(ExchangeError::RequestBody(e)),
+            Poll::Ready(None) => self.end_body()?,
+        }
+        Ok(())
+    }
+
+    fn queue_data(&mut self, data: Bytes) -> Result<(), ExchangeError> {
+        if self.chunked {
+            let mut line = BytesMut::with_capacity(18);
+            let _ = write!(line, "{:X}\r\n", data.len());
+            self.queue.push(line.freeze());
+            self.queue.push(data);
+            self.queue.push(Bytes::from_static(b"\r\n"));
+        } else {
+            let n = data.len() as u64;
+            if n > self.owed {
+                return Err(ExchangeError::RequestBody(
+                    "the request body is longer than its Content-Length".into(),
+                ));
+            }
+            self.owed -= n;
+            self.queue.push(data);
+        }
+        Ok(())
+    }
+
+    fn end_body(&mut self) -> Result<(), ExchangeError> {
+        if self.chunked {
+            self.queue.push(Bytes::from_static(b"0\r\n\r\n"));
+        } else if self.owed != 0 {
+            return Err(ExchangeError::RequestBody(
+                "the request body ended before its Content-Length".into(),
+            ));
+        }
+        self.body_done = true;
+        Ok(())
+    }
+}
+
+/// A parsed response head.
+struct ParsedHead {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+}
+
+fn poll_exchange(
+    conn: &mut Conn,
+    out: &mut Outgoing,
+    cx: &mut Context<'_>,
+    received: &mut bool,
+) -> Poll<Result<ParsedHead, ExchangeError>> {
+    out.poll_write(&mut conn.io, cx)?;
+    loop {
+        if !conn.buf.is_empty()
+            && let Some(head) = parse_head(&mut conn.buf)?
+        {
+            return Poll::Ready(Ok(head));
+        }
+        match conn.poll_fill(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(0)) => {
+                return Poll::Ready(Err(if let Some(e) = out.write_failed.take() {
+                    ExchangeError::Io(e)
+                } else if conn.buf.is_empty() && !*received {
+                    ExchangeError::ClosedBeforeAnswer
+                } else {
+                    ExchangeError::ClosedEarly
+                }));
+            }
+            Poll::Ready(Ok(_)) => *received = true,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(ExchangeError::Io(e))),
+        }
+    }
+}
+
+/// Parses a complete response head off the front of `buf`; skips interim (1xx) heads other
+/// than 101. `Ok(None)`: more bytes are needed.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<ParsedHead>, ExchangeError> {
+    loop {
+        // Offsets of each field's name and value in `buf`, so their bytes can be shared.
+        let mut fields = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let (len, code, minor, count) = {
+            let mut slots =
+                [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut []);
+            let len = match httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+            {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+                    return Err(ExchangeError::HeadTooLarge);
+                }
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => return Err(ExchangeError::HeadTooLarge),
+                Err(e) => return Err(ExchangeError::BadHead(e)),
+            };
+            if len > MAX_HEAD {
+                return Err(ExchangeError::HeadTooLarge);
+            }
+            let base = buf.as_ptr() as usize;
+            for (slot, h) in fields.iter_mut().zip(resp.headers.iter()) {
+                let name = h.name.as_ptr() as usize - base;
+                let value = h.value.as_ptr() as usize - base;
+                // Offsets fit: the head is at most MAX_HEAD bytes.
+                *slot = (
+                    name as u32,
+                    (name + h.name.len()) as u32,
+                    value as u32,
+                    (value + h.value.len()) as u32,
+                );
+            }
+            (
+                len,
+                resp.code.unwrap_or(0),
+                resp.version.unwrap_or(1),
+                resp.headers.len(),
+            )
+        };
+        if (100..200).contains(&code) && code != 101 {
+            // 100 Continue, 103 Early Hints: not forwarded; the final answer follows.
+            buf.advance(len);
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            continue;
+        }
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| ExchangeError::Malformed("invalid status code"))?;
+        let head = buf.split_to(len).freeze();
+        // Room for the fields this node adds on the way out (Via, X-Served-By, X-Request-Id,
+        // Server-Timing, Cache-Status…): growing the map later rehashes it, more than once.
+        let mut headers = HeaderMap::with_capacity(count + 8);
+        for &(ns, ne, vs, ve) in &fields[..count] {
+            let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+                .map_err(|_| ExchangeError::Malformed("invalid header field name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+                .map_err(|_| ExchangeError::Malformed("invalid header field value"))?;
+            headers.append(name, value);
+        }
+        let version = if minor == 0 {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        return Ok(Some(ParsedHead {
+            status,
+            version,
+            headers,
+        }));
+    }
+}
+
+/// Reads one whole response from `bytes` the way an exchange does (interim heads skipped,
+/// framing per RFC 9112 §6.3, chunked decoded): the head and the body. For the fuzz target and
+/// tests; a response still incomplete at the end of `bytes` is `ClosedEarly`.
+pub fn parse_response(
+    bytes: &[u8],
+    head_request: bool,
+) -> Result<(Response<()>, Vec<u8>), ExchangeError> {
+    let mut buf = BytesMut::from(bytes);
+    let head = parse_head(&mut buf)?.ok_or(ExchangeError::ClosedEarly)?;
+    let (mut framing, _) = framing(head_request, &head)?;
+    let mut body = Vec::new();
+    loop {
+        match &mut framing {
+            Framing::Done => break,
+            Framing::Length(n) => {
+                if (buf.len() as u64) < *n {
+                    return Err(ExchangeError::ClosedEarly);
+                }
+                body.extend_from_slice(&buf[..*n as usize]);
+                break;
+            }
+            Framing::Close => {
+                body.extend_from_slice(&buf);
+                break;
+            }
+            Framing::Chunked(decoder) => match decoder.decode(&mut buf)? {
+                Step::Data(d) => body.extend_from_slice(&d),
+                Step::End => break,
+                Step::More => return Err(ExchangeError::ClosedEarly),
+            },
+        }
+    }
+    let mut response = Response::new(());
+    *response.status_mut() = head.status;
+    *response.version_mut() = head.version;
+    *response.headers_mut() = head.headers;
+    Ok((response, body))
+}
+
+/// How the rest of a response body is delimited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes remain.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked(Chunked),
+    /// Until the origin closes the connection.
+    Close,
+    /// Nothing remains.
+    Done,
+}
+
+/// The response body's framing (RFC 9112 §6.3) and whether the connection may carry another
+/// exchange after it.
+fn framing(head_request: bool, head: &ParsedHead) -> Result<(Framing, bool), ExchangeError> {
+    let code = head.status.as_u16();
+    let http11 = head.version == Version::HTTP_11;
+    let mut keep_alive = if http11 {
+        !has_token(&head.headers, header::CONNECTION, b"close")
+    } else {
+        has_token(&head.headers, header::CONNECTION, b"keep-alive")
+    };
+    if code == 101 {
+        return Ok((Framing::Done, false));
+    }
+    if head_request || code == 204 || code == 304 {
+        return Ok((Framing::Done, keep_alive));
+    }
+    let mut codings = head
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+        .peekable();
+    if codings.peek().is_some() {
+        // Content-Length beside Transfer-Encoding, or chunked from an HTTP/1.0 peer: the
+        // framing is doubtful, so the connection carries nothing after this (§6.1).
+        if head.headers.contains_key(header::CONTENT_LENGTH) || !http11 {
+            keep_alive = false;
+        }
+        return Ok(match codings.last() {
+            Some(last) if last.eq_ignore_ascii_case(b"chunked") => {
+                (Framing::Chunked(Chunked::default()), keep_alive)
+            }
+            _ => (Framing::Close, false),
+        });
+    }
+    let mut length: Option<u64> = None;
+    for value in head.headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let n = parse_decimal(part.trim_ascii())
+                .ok_or(ExchangeError::Malformed("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ExchangeError::Malformed(
+                    "conflicting Content-Length values",
+                ));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Framing::Done, keep_alive),
+        Some(n) => (Framing::Length(n), keep_alive),
+        None => (Framing::Close, false),
+    })
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+/// Whether a comma-separated field lists `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    })
+}
+
+/// Where a chunked body's decoder is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chunked {
+    state: ChunkState,
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum ChunkState {
+    /// Expecting a chunk-size line.
+    #[default]
+    Size,
+    /// Inside a chunk's data: this many bytes remain.
+    Data(u64),
+    /// After a chunk's data: expecting CRLF.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+}
+
+/// One step of decoding.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Body bytes.
+    Data(Bytes),
+    /// More input is needed.
+    More,
+    /// The body (and its trailers) ended.
+    End,
+}
+
+impl Chunked {
+    /// Takes the next piece of the body off the front of `buf` (RFC 9112 §7.1).
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, ExchangeError> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(line) = take_line(buf, MAX_CHUNK_LINE)? else {
+                        return Ok(Step::More);
+                    };
+                    let size = parse_chunk_size(&line)
+                        .ok_or(ExchangeError::Malformed("invalid chunk size line"))?;
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(Step::Data(buf.split_to(n).freeze()));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Step::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(ExchangeError::Malformed("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let room = MAX_TRAILERS.saturating_sub(self.trailer_bytes).max(2);
+                    let Some(line) = take_line(buf, room)? else {
+                        return Ok(Step::More);
+                    };
+                    if line.is_empty() {
+                        return Ok(Step::End);
+                    }
+                    self.trailer_bytes += line.len() + 2;
+                    if self.trailer_bytes > MAX_TRAILERS {
+                        return Err(ExchangeError::Malformed("trailer section too large"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes one CRLF-terminated line (without its CRLF) off `buf`; `None` if it is not all there.
+fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, ExchangeError> {
+    let window = &buf[..buf.len().min(max)];
+    let Some(lf) = window.iter().position(|b| *b == b'\n') else {
+        if buf.len() >= max {
+            return Err(ExchangeError::Malformed("chunk line too long"));
+        }
+        return Ok(None);
+    };
+    if lf == 0 || buf[lf - 1] != b'\r' {
+        return Err(ExchangeError::Malformed("chunk line not ended by CRLF"));
+    }
+    let mut line = buf.split_to(lf + 1);
+    line.truncate(lf - 1);
+    Ok(Some(line))
+}
+
+/// `chunk-size [ BWS ; chunk-ext ]`: the size, if the line is well formed.
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return None;
+    }
+    let size = line[..digits].iter().try_fold(0u64, |n, d| {
+        let v = (*d as char).to_digit(16)?;
+        Some((n << 4) | u64::from(v))
+    })?;
+    let rest = line[digits..].trim_ascii_start();
+    if rest.is_empty() {
+        return Some(size);
+    }
+    // Extensions are ignored, but they must be text: no control bytes besides tab.
+    (rest[0] == b';'
+        && rest
+            .iter()
+            .all(|b| *b == b'\t' || (*b >= 0x20 && *b != 0x7f)))
+    .then_some(size)
+}
+
+/// A response body read straight from the origin connection; the connection goes home when
+/// the body ends cleanly, and is closed if the body is dropped before (unread bytes would
+/// corrupt the next exchange).
+struct OriginBody {
+    conn: Option<Conn>,
+    framing: Framing,
+    /// The response allows another exchange on the connection.
+    keep_alive: bool,
+    /// The rest of a request the origin answered before taking all of it.
+    out: Option<Outgoing>,
+    home: Arc<H1Pool>,
+}
+
+impl OriginBody {
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        let request_sent = self.out.take().is_none_or(|o| o.is_complete());
+        if let Some(mut conn) = self.conn.take()
+            && self.keep_alive
+            && request_sent
+            && conn.buf.is_empty()
+        {
+            conn.read_size = READ_MIN;
+            conn.since = Instant::now();
+            self.home.give_back(conn);
+        }
+    }
+
+    fn fail(&mut self, e: ExchangeError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        self.out = None;
+        self.framing = Framing::Done;
+        Poll::Ready(Some(Err(Box::new(e))))
+    }
+}
+
+impl Body for OriginBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let (Some(out), Some(conn)) = (this.out.as_mut(), this.conn.as_mut())
+            && !out.is_finished()
+            && let Err(e) = out.poll_write(&mut conn.io, cx)
+        {
+            return this.fail(e);
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let step = match &mut this.framing {
+                Framing::Done => Step::End,
+                Framing::Length(left) => {
+                    if conn.buf.is_empty() {
+                        Step::More
+                    } else {
+                        let n = usize::try_from(*left)
+                            .unwrap_or(usize::MAX)
+                            .min(conn.buf.len());
+                        *left -= n as u64;
+                        let data = conn.buf.split_to(n).freeze();
+                        if *left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Chunked(decoder) => match decoder.decode(&mut conn.buf) {
+                    Ok(step) => step,
+                    Err(e) => return this.fail(e),
+                },
+                Framing::Close => {
+                    if conn.buf.is_empty() {
+                        Step::More
+                    } else {
+                        Step::Data(conn.buf.split().freeze())
+                    }
+                }
+            };
+            match step {
+                Step::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Step::End => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Step::More => {}
+            }
+            match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    if this.framing == Framing::Close {
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                        return Poll::Ready(None);
+                    }
+                    return this.fail(ExchangeError::ClosedEarly);
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return this.fail(ExchangeError::Io(e)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use http::Request;
+    use http_body_util::BodyExt;
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::body;
+    use crate::origin::pool::PoolError;
+
+    /// An origin on a loopback port that runs `script(connection number, socket)` for every
+    /// connection; returns its address and how many connections it accepted.
+    async fn origin<F, Fut>(script: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(usize, TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(script(n, sock));
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Reads one request head (and, with `content-length`, its body) off `sock`; `None` at EOF.
+    async fn read_request(
+        sock: &mut TcpStream,
+        pending: &mut Vec<u8>,
+    ) -> Option<(String, Vec<u8>)> {
+        loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&pending[..end + 4]).into_owned();
+                pending.drain(..end + 4);
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                let mut body = Vec::new();
+                if let Some(len) = len {
+                    while pending.len() < len {
+                        let mut chunk = [0u8; 4096];
+                        let n = sock.read(&mut chunk).await.ok()?;
+                        if n == 0 {
+                            return None;
+                        }
+                        pending.extend_from_slice(&chunk[..n]);
+                    }
+                    body = pending.drain(..len).collect();
+                }
+                return Some((head, body));
+            }
+            let mut chunk = [0u8; 4096];
+            let n = sock.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            pending.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn pool(addr: SocketAddr) -> Arc<H1Pool> {
+        H1Pool::new(
+            addr.to_string().parse().expect("authority"),
+            None,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            8,
+        )
+    }
+
+    fn request(method: Method, body: ProxyBody) -> Request<ProxyBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = "/p?q=1".parse().expect("uri");
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("origin.test"));
+        req
+    }
+
+    async fn text(resp: Response<ProxyBody>) -> Result<String, BoxError> {
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn keep_alive_connection_carries_several_exchanges() {
+        let (addr, accepted) = origin(|_, mut sock| async move {
+            let mut pending = Vec::new();
+            let mut n = 0;
+            while let Some((head, _)) = read_request(&mut sock, &mut pending).await {
+                n += 1;
+                assert!(head.starts_with("GET /p?q=1 HTTP/1.1\r\n"), "{head}");
+                assert!(head.contains("host: origin.test\r\n"), "{head}");
+                assert!(
+                    !head.contains("content-length"),
+                    "a GET without body: {head}"
+                );
+                let body = format!("answer {n}");
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Seq: {n}\r\n\r\n{body}",
+                    body.len()
+                );
+                sock.write_all(reply.as_bytes()).await.expect("write");
+            }
+        })
+        .await;
+        let pool = pool(addr);
+        for n in 1..=3 {
+            let resp = pool
+                .send(request(Method::GET, body::empty()))
+                .await
+                .expect("send");
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.headers()["x-seq"], n.to_string().as_str());
+            assert_eq!(resp.body().size_hint().exact(), Some(8));
+            assert_eq!(text(resp).await.expect("body"), format!("answer {n}"));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
+    }
+
+    #[tokio::test]
+    async fn chunked_close_delimited_and_bodiless_answers() {
+        let (addr, accepted) = origin(|n, mut sock| async move {
+            let mut pending = Vec::new();
+            let Some((head, _)) = read_request(&mut sock, &mut pending).await else {
+                return;
+            };
+            let reply: &[u8] = match n {
+                0 => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n",
+                1 => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                2 => b"HTTP/1.1 200 OK\r\n\r\nuntil close",
+                _ => {
+                    assert!(head.starts_with("HEAD "), "{head}");
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+                }
+            };
+            sock.write_all(reply).await.expect("write");
+            if n == 2 {
+                return; // close: that ends the body
+            }
+            // Keep serving on this connection after a reusable answer.
+            while read_request(&mut sock, &mut pending).await.is_some() {
+                sock.write_all(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n")
+                    .await
+                    .expect("write");
+            }
+        })
+        .await;
+        let pool = pool(addr);
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("chunked");
+        assert_eq!(text(resp).await.expect("body"), "hello, world");
+        // Reused for a 304 (no body whatever Content-Length says).
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("304");
+        assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
+        assert!(resp.body().is_end_stream());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+        // Drain the idle one so the next requests get connections 1, 2, 3.
+        drop(pool.take_idle());
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("1xx");
+        assert_eq!(resp.status(), StatusCode::OK, "interim answers are skipped");
+        assert_eq!(text(resp).await.expect("body"), "ok");
+        drop(pool.take_idle());
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("close");
+        assert_eq!(text(resp).await.expect("body"), "until close");
+        assert!(
+            pool.take_idle().is_none(),
+            "a close-delimited answer ends its connection"
+        );
+        let resp = pool
+            .send(request(Method::HEAD, body::empty()))
+            .await
+            .expect("head");
+        assert_eq!(resp.headers()["content-length"], "100");
+        assert!(resp.body().is_end_stream(), "a HEAD answer has no body");
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_errors_not_hangs() {
+        let answers: Vec<&'static [u8]> = vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3x\r\n\r\nabc",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+        ];
+        let count = answers.len();
+        let (addr, _) = origin(move |n, mut sock| {
+            let answer = answers[n];
+            async move {
+                let mut pending = Vec::new();
+                if read_request(&mut sock, &mut pending).await.is_some() {
+                    let _ = sock.write_all(answer).await;
+                }
+            }
+        })
+        .await;
+        let pool = pool(addr);
+        for i in 0..count {
+            match pool.send(request(Method::GET, body::empty())).await {
+                Err(PoolError::Exchange(
+                    ExchangeError::Malformed(_) | ExchangeError::BadHead(_),
+                )) => {}
+                other => panic!("answer {i}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn cut_short_oversized_and_overlong_answers() {
+        let (addr, accepted) = origin(|n, mut sock| async move {
+            let mut pending = Vec::new();
+            if read_request(&mut sock, &mut pending).await.is_none() {
+                return;
+            }
+            match n {
+                0 => {
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+                        .await;
+                }
+                1 => {
+                    let big = format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+                    let _ = sock.write_all(big.as_bytes()).await;
+                    let _ = sock.read(&mut [0u8; 1]).await;
+                }
+                _ => {
+                    // Two bytes more than declared: the body is right, the connection is not
+                    // reused (the extra bytes would be read as the next answer).
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA")
+                        .await;
+                    let _ = sock.read(&mut [0u8; 1]).await;
+                }
+            }
+        })
+        .await;
+        let pool = pool(addr);
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("head arrives");
+        let err = text(resp).await.expect_err("body cut short");
+        assert!(err.to_string().contains("middle of its response"), "{err}");
+        match pool.send(request(Method::GET, body::empty())).await {
+            Err(PoolError::Exchange(ExchangeError::HeadTooLarge)) => {}
+            other => panic!("{other:?}"),
+        }
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("overlong");
+        assert_eq!(text(resp).await.expect("body"), "ok");
+        assert!(
+            pool.take_idle().is_none(),
+            "left-over bytes retire the connection"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// The origin reads the second request on a kept-alive connection and closes it without an
+    /// answer (its idle timeout firing at that moment).
+    async fn closes_on_second_request(n: usize, mut sock: TcpStream) {
+        let mut pending = Vec::new();
+        if read_request(&mut sock, &mut pending).await.is_none() {
+            return;
+        }
+        sock.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{n}").as_bytes())
+            .await
+            .expect("write");
+        if n == 0 {
+            let _ = read_request(&mut sock, &mut pending).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_request_on_a_just_closed_connection_goes_again() {
+        let (addr, accepted) = origin(closes_on_second_request).await;
+        let pool = pool(addr);
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("first");
+        assert_eq!(text(resp).await.expect("body"), "0");
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("retried");
+        assert_eq!(text(resp).await.expect("body"), "1");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_non_idempotent_request_that_went_out_is_not_repeated() {
+        let (addr, accepted) = origin(closes_on_second_request).await;
+        let pool = pool(addr);
+        let resp = pool
+            .send(request(Method::POST, body::empty()))
+            .await
+            .expect("first");
+        assert_eq!(text(resp).await.expect("body"), "0");
+        match pool.send(request(Method::POST, body::empty())).await {
+            Err(PoolError::Exchange(ExchangeError::ClosedBeforeAnswer)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent twice");
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_not_used() {
+        let (addr, accepted) = origin(|n, mut sock| async move {
+            let mut pending = Vec::new();
+            if read_request(&mut sock, &mut pending).await.is_some() {
+                let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{n}");
+                sock.write_all(reply.as_bytes()).await.expect("write");
+            }
+            // Dropped here: closed while idle on the pool's side.
+        })
+        .await;
+        let pool = pool(addr);
+        let resp = pool
+            .send(request(Method::POST, body::empty()))
+            .await
+            .expect("first");
+        assert_eq!(text(resp).await.expect("body"), "0");
+        // Wait until the close has reached this side, then a POST must go on a new connection.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let closed = {
+                let mut list = pool.idle_for_test();
+                list.last_mut().is_some_and(|c| !c.still_open())
+            };
+            if closed {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the close never arrived");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let resp = pool
+            .send(request(Method::POST, body::empty()))
+            .await
+            .expect("second");
+        assert_eq!(text(resp).await.expect("body"), "1");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn request_bodies_are_framed_by_what_is_known() {
+        let (addr, _) = origin(|_, mut sock| async move {
+            let mut pending = Vec::new();
+            while let Some((head, body)) = read_request(&mut sock, &mut pending).await {
+                let mut body = String::from_utf8_lossy(&body).into_owned();
+                if head.contains("transfer-encoding: chunked\r\n") {
+                    // Read the chunked body through the decoder under test's own rules.
+                    let mut buf = BytesMut::from(&pending[..]);
+                    let mut decoder = Chunked::default();
+                    loop {
+                        match decoder.decode(&mut buf).expect("well-formed chunked") {
+                            Step::Data(d) => body.push_str(&String::from_utf8_lossy(&d)),
+                            Step::End => break,
+                            Step::More => {
+                                let mut chunk = [0u8; 4096];
+                                let n = sock.read(&mut chunk).await.expect("read");
+                                assert!(n > 0, "chunked body cut short");
+                                buf.extend_from_slice(&chunk[..n]);
+                            }
+                        }
+                    }
+                    pending = buf.to_vec();
+                }
+                let framing = if head.contains("transfer-encoding: chunked") {
+                    "chunked"
+                } else if head.contains("content-length: ") {
+                    "length"
+                } else {
+                    "none"
+                };
+                let answer = format!("{framing}:{body}");
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                    answer.len()
+                );
+                sock.write_all(reply.as_bytes()).await.expect("write");
+            }
+        })
+        .await;
+        let pool = pool(addr);
+        let resp = pool
+            .send(request(Method::PUT, body::full("known")))
+            .await
+            .expect("put");
+        assert_eq!(text(resp).await.expect("body"), "length:known");
+        let resp = pool
+            .send(request(Method::POST, body::empty()))
+            .await
+            .expect("post");
+        assert_eq!(
+            text(resp).await.expect("body"),
+            "length:",
+            "POST states Content-Length: 0"
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let streamed = body::boxed(http_body_util::StreamBody::new(tokio_stream_from(rx)));
+        let sender = tokio::spawn(async move {
+            for part in ["one ", "two ", "three"] {
+                tx.send(Ok(Frame::data(Bytes::from_static(part.as_bytes()))))
+                    .await
+                    .expect("send");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let resp = pool
+            .send(request(Method::POST, streamed))
+            .await
+            .expect("stream");
+        assert_eq!(text(resp).await.expect("body"), "chunked:one two three");
+        sender.await.expect("sender");
+    }
+
+    /// An mpsc receiver as a `Stream`, without the tokio-stream crate.
+    fn tokio_stream_from<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> + Send {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_arrives_while_the_upload_is_still_going() {
+        let (addr, _) = origin(|_, mut sock| async move {
+            let mut pending = Vec::new();
+            // Head only: refuse the body without reading it.
+            loop {
+                let mut chunk = [0u8; 4096];
+                let n = sock.read(&mut chunk).await.expect("read");
+                pending.extend_from_slice(&chunk[..n]);
+                if n == 0 || pending.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            sock.write_all(
+                b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .expect("write");
+            // Keep the socket open (unread bytes pile up) until the client goes.
+            let mut sink = [0u8; 65536];
+            while sock.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        let pool = pool(addr);
+        // A body that never ends: without reading while writing, this would hang.
+        let endless = body::boxed(http_body_util::StreamBody::new(
+            futures_util::stream::repeat_with(|| {
+                Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'x'; 64 * 1024])))
+            }),
+        ));
+        let resp = tokio::time::timeout(
+            Duration::from_secs(20),
+            pool.send(request(Method::POST, endless)),
+        )
+        .await
+        .expect("answered before the body ended")
+        .expect("send");
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        drop(resp);
+        assert!(
+            pool.take_idle().is_none(),
+            "the request did not complete: not reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_origin_may_answer_while_it_reads_the_upload() {
+        // The origin echoes each piece of a chunked upload as a chunk of its answer, starting
+        // the answer before the upload ends: the request must keep streaming meanwhile.
+        let (addr, _) = origin(|_, mut sock| async move {
+            let mut pending = Vec::new();
+            let Some((head, _)) = read_request(&mut sock, &mut pending).await else {
+                return;
+            };
+            assert!(head.contains("transfer-encoding: chunked"), "{head}");
+            sock.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await
+                .expect("write");
+            let mut buf = BytesMut::from(&pending[..]);
+            let mut decoder = Chunked::default();
+            loop {
+                match decoder.decode(&mut buf).expect("well-formed chunked") {
+                    Step::Data(d) => {
+                        let chunk = format!("{:x}\r\n{}\r\n", d.len(), String::from_utf8_lossy(&d));
+                        sock.write_all(chunk.as_bytes()).await.expect("echo");
+                    }
+                    Step::End => break,
+                    Step::More => {
+                        let mut chunk = [0u8; 4096];
+                        let n = sock.read(&mut chunk).await.expect("read");
+                        assert!(n > 0, "upload cut short");
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                }
+            }
+            sock.write_all(b"0\r\n\r\n").await.expect("end");
+            let _ = read_request(&mut sock, &mut Vec::new()).await;
+        })
+        .await;
+        let pool = pool(addr);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let upload = body::boxed(http_body_util::StreamBody::new(tokio_stream_from(rx)));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ping"))))
+            .await
+            .expect("first piece");
+        let resp = pool
+            .send(request(Method::POST, upload))
+            .await
+            .expect("answer head");
+        let mut body = resp.into_body();
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("echo of the first piece")
+            .expect("a frame")
+            .expect("data");
+        assert_eq!(
+            frame.into_data().expect("data"),
+            Bytes::from_static(b"ping")
+        );
+        tx.send(Ok(Frame::data(Bytes::from_static(b"pong"))))
+            .await
+            .expect("second piece");
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("echo of the second piece")
+            .expect("a frame")
+            .expect("data");
+        assert_eq!(
+            frame.into_data().expect("data"),
+            Bytes::from_static(b"pong")
+        );
+        drop(tx);
+        let rest = tokio::time::timeout(Duration::from_secs(10), body.collect())
+            .await
+            .expect("the answer ends once the upload does")
+            .expect("clean end");
+        assert!(rest.to_bytes().is_empty());
+        assert!(
+            pool.take_idle().is_some(),
+            "all of the request went: reusable"
+        );
+    }
+
+    /// Encodes `chunks` as a chunked body with an extension on the first and one trailer.
+    fn encode_chunked(chunks: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let ext = if i == 0 { ";name=\"v\"" } else { "" };
+            out.extend_from_slice(format!("{:x}{ext}\r\n", c.len()).as_bytes());
+            out.extend_from_slice(c);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\nx-checksum: 1\r\n\r\n");
+        out
+    }
+
+    proptest! {
+        /// Whatever the read boundaries, the decoder yields the body and ends exactly at the
+        /// end of the encoding.
+        #[test]
+        fn chunked_decoding_ignores_read_boundaries(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..8),
+            cuts in proptest::collection::vec(1usize..64, 1..40),
+        ) {
+            let encoded = encode_chunked(&chunks);
+            let mut decoder = Chunked::default();
+            let mut buf = BytesMut::new();
+            let mut fed = 0;
+            let mut cut = cuts.iter().cycle();
+            let mut body = Vec::new();
+            loop {
+                match decoder.decode(&mut buf).expect("valid encoding") {
+                    Step::Data(d) => body.extend_from_slice(&d),
+                    Step::End => break,
+                    Step::More => {
+                        prop_assert!(fed < encoded.len(), "asked for more after the end");
+                        let n = (*cut.next().unwrap_or(&1)).min(encoded.len() - fed);
+                        buf.extend_from_slice(&encoded[fed..fed + n]);
+                        fed += n;
+                    }
+                }
+            }
+            prop_assert_eq!(fed, encoded.len());
+            prop_assert!(buf.is_empty());
+            prop_assert_eq!(body, chunks.concat());
+        }
+
+        /// Arbitrary bytes never panic the response parser.
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512), head in any::<bool>()) {
+            let _ = parse_response(&bytes, head);
+            let mut prefixed = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            prefixed.extend_from_slice(&bytes);
+            let _ = parse_response(&prefixed, head);
+        }
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        assert_eq!(parse_chunk_size(b"1a"), Some(26));
+        assert_eq!(parse_chunk_size(b"1A ; a=b"), Some(26));
+        assert_eq!(parse_chunk_size(b"ffffffffffffffff"), Some(u64::MAX));
+        assert_eq!(
+            parse_chunk_size(b"10000000000000000"),
+            None,
+            "17 digits overflow"
+        );
+        assert_eq!(parse_chunk_size(b""), None);
+        assert_eq!(parse_chunk_size(b"-1"), None);
+        assert_eq!(parse_chunk_size(b"0x10"), None);
+        assert_eq!(parse_chunk_size(b"5 junk"), None);
+        assert_eq!(parse_chunk_size(b"5;a\x00"), None);
+        let mut buf = BytesMut::from(&b"5\nhello"[..]);
+        assert!(Chunked::default().decode(&mut buf).is_err(), "bare LF");
+        let mut buf = BytesMut::from(&b"5\r\nhelloXY"[..]);
+        let mut d = Chunked::default();
+        assert_eq!(
+            d.decode(&mut buf).expect("data"),
+            Step::Data(Bytes::from_static(b"hello"))
+        );
+        assert!(d.decode(&mut buf).is_err(), "data not followed by CRLF");
+    }
+
+    #[test]
+    fn response_framing_rules() {
+        let parse = |raw: &[u8]| parse_response(raw, false);
+        // Transfer-Encoding wins over Content-Length.
+        let (_, body) = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n").expect("te+cl");
+        assert_eq!(body, b"hi");
+        // Identical repeated lengths are one length.
+        let (_, body) = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nhi").expect("2, 2");
+        assert_eq!(body, b"hi");
+        // A coding other than chunked last: read until close.
+        let (_, body) =
+            parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nraw").expect("gzip");
+        assert_eq!(body, b"raw");
+        // HTTP/1.0 is kept as the origin's version.
+        let (resp, _) = parse(b"HTTP/1.0 204 No Content\r\n\r\n").expect("1.0");
+        assert_eq!(resp.version(), Version::HTTP_10);
+        let head = |raw: &[u8]| {
+            let mut buf = BytesMut::from(raw);
+            parse_head(&mut buf).expect("head").expect("complete")
+        };
+        let keep = |raw: &[u8]| framing(false, &head(raw)).expect("framing").1;
+        assert!(keep(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!keep(
+            b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, CLOSE\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!keep(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(keep(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!keep(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!keep(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"));
+    }
+}
