@@ -14,8 +14,12 @@
 # are zeroed, then BENCH_REQUESTS requests on one keep-alive connection (curl's URL globbing),
 # then its counters are dumped: instructions / requests. Prints both and the ratio.
 #
+# Both servers run pinned to one core (BENCH_SERVER_CPU), as in proxy.sh: outpost sizes its
+# runtime from the cores it may use, so pinned it runs the single-threaded scheduler there too.
+#
 # Settings (environment): BENCH_REQUESTS (default 3000), BENCH_WARMUP_REQUESTS (500),
-# BENCH_OUTPOST_BIN (an outpost binary instead of building one), BENCH_BODY_BYTES (1024).
+# BENCH_OUTPOST_BIN (an outpost binary instead of building one), BENCH_BODY_BYTES (1024),
+# BENCH_SERVER_CPU (0).
 set -euo pipefail
 
 # shellcheck source=bench/lib.sh
@@ -24,9 +28,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${BENCH_REQUESTS:=3000}"
 : "${BENCH_WARMUP_REQUESTS:=500}"
 : "${BENCH_BODY_BYTES:=1024}"
+: "${BENCH_SERVER_CPU:=0}"
 
 bench_init instructions
-bench_require_tools nginx curl valgrind callgrind_control ss awk
+bench_require_tools nginx curl valgrind callgrind_control ss awk taskset
 
 target_dir=${CARGO_TARGET_DIR:-$BENCH_REPO_DIR/target}
 [[ $target_dir == /* ]] || target_dir=$BENCH_REPO_DIR/$target_dir
@@ -59,7 +64,7 @@ count() {
     awk -v n="$BENCH_REQUESTS" '/^summary:/ { printf "%.0f\n", $2 / n; exit }' "$out"
 }
 
-callgrind=(valgrind --tool=callgrind --dump-instr=no)
+callgrind=(taskset -c "$BENCH_SERVER_CPU" valgrind --tool=callgrind --dump-instr=no)
 
 # --- nginx -------------------------------------------------------------------------------
 nginx_dir=$BENCH_TMP/nginx

@@ -165,20 +165,16 @@ pub fn add_forwarding(headers: &mut HeaderMap, ctx: &RequestContext, info: &Forw
         );
         set(headers, X_FORWARDED_FOR, &chain);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(
-            X_FORWARDED_PROTO,
-            HeaderValue::from_static(info.scheme.as_str()),
-        );
-    }
+    // One lookup each (`entry`), not a lookup and then an insert.
+    headers
+        .entry(X_FORWARDED_PROTO)
+        .or_insert_with(|| HeaderValue::from_static(info.scheme.as_str()));
     if let Some(host) = info.host {
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            headers.insert(X_FORWARDED_HOST, host.clone());
-        }
+        headers
+            .entry(X_FORWARDED_HOST)
+            .or_insert_with(|| host.clone());
         // HTTP/2 clients send :authority instead of Host; the origin needs a Host.
-        if !headers.contains_key(header::HOST) {
-            headers.insert(header::HOST, host.clone());
-        }
+        headers.entry(header::HOST).or_insert_with(|| host.clone());
     }
     if let Some(prefix) = info.stripped_prefix {
         let prior = headers
