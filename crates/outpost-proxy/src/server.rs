@@ -8,9 +8,11 @@
 //! and swap certificates without touching connections on listeners that stay.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -27,6 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::body::{BoxError, ProxyBody};
 use crate::context::{ConnInfo, Scheme};
 use crate::handler::handle;
 use crate::node::Node;
@@ -393,7 +396,8 @@ impl Server {
                 }
                 let conn = Arc::new(ConnInfo::new(peer, Scheme::Http));
                 let io = SendDeadline::new(stream, limits.send_timeout);
-                self.serve(builder, TokioIo::new(io), conn).await;
+                self.serve(builder, TokioIo::new(io), conn, limits.send_timeout)
+                    .await;
             }
             Some(tls) => {
                 let io = SendDeadline::new(stream, limits.send_timeout);
@@ -426,7 +430,8 @@ impl Server {
                     builder = builder.http2_only();
                 }
                 let conn = Arc::new(ConnInfo::new(peer, Scheme::Https));
-                self.serve(builder, TokioIo::new(stream), conn).await;
+                self.serve(builder, TokioIo::new(stream), conn, limits.send_timeout)
+                    .await;
             }
         }
     }
@@ -436,11 +441,28 @@ impl Server {
         builder: auto::Builder<TokioExecutor>,
         io: TokioIo<I>,
         conn: Arc<ConnInfo>,
+        send_timeout: Duration,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let node = self.node.clone();
-        let svc = service_fn(move |req| handle(node.clone(), conn.clone(), req));
+        let peer = conn.peer;
+        // Cancelled by shutdown (the parent), or by the stall watch: then the connection goes.
+        let ended = self.shutdown.child_token();
+        let _ended_on_exit = ended.clone().drop_guard();
+        let stalls = Arc::new(StallWatch::new(send_timeout, ended.clone()));
+        let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            // Only HTTP/2 answers are watched (HTTP/1 has SendDeadline); nothing extra for HTTP/1.
+            let watch = (req.version() == hyper::Version::HTTP_2).then(|| stalls.clone());
+            let answer = handle(node.clone(), conn.clone(), req);
+            async move {
+                let resp = answer.await?;
+                Ok::<_, Infallible>(match watch {
+                    Some(w) => resp.map(|body| w.watch(body)),
+                    None => resp,
+                })
+            }
+        });
         let connection = builder.serve_connection_with_upgrades(io, svc);
         tokio::pin!(connection);
         tokio::select! {
@@ -449,11 +471,159 @@ impl Server {
                     tracing::debug!(error = %e, "Connection ended with an error.");
                 }
             }
-            () = self.shutdown.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
+            () = ended.cancelled() => {
+                if self.shutdown.is_cancelled() {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                } else {
+                    tracing::debug!(%peer, "HTTP/2 client took no data for send_timeout; connection closed.");
+                }
             }
         }
+    }
+}
+
+/// Notices HTTP/2 answers the client stopped taking. On HTTP/1 a client that reads nothing
+/// blocks our writes, which [`SendDeadline`] times out; on HTTP/2 the client holds a stream's
+/// flow-control window at zero instead, hyper then simply stops asking the answer's body for
+/// data, and nothing would ever free the origin connection behind it. Each HTTP/2 answer's body
+/// records since when it has had data waiting to be asked for; a task started with the first
+/// such body cancels the connection's token once one has waited `send_timeout`, and the
+/// connection is then closed, as nginx's `send_timeout` does. A slow origin is not a stall: a
+/// body waiting on its origin is not owed.
+pub struct StallWatch {
+    /// Per body: milliseconds after `epoch` since it has been owed a poll; 0 while it is not.
+    /// Dropped bodies leave an entry nobody else holds.
+    bodies: Mutex<Vec<Arc<AtomicU64>>>,
+    registered: tokio::sync::Notify,
+    /// Tokio's clock (not std's), so that tests can run it paused.
+    epoch: tokio::time::Instant,
+    limit: Duration,
+    /// The connection's: cancelled on a stall; its cancellation ends the watching task.
+    connection: CancellationToken,
+    started: std::sync::atomic::AtomicBool,
+}
+
+/// Milliseconds since `epoch`, never 0 (0 means "not owed").
+fn millis_since(epoch: tokio::time::Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl StallWatch {
+    /// A watch for one connection; `connection` is cancelled when a body stalls for `limit`.
+    pub fn new(limit: Duration, connection: CancellationToken) -> StallWatch {
+        StallWatch {
+            bodies: Mutex::default(),
+            registered: tokio::sync::Notify::new(),
+            epoch: tokio::time::Instant::now(),
+            limit,
+            connection,
+            started: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Watches an HTTP/2 answer's body (starting the watching task with the first).
+    pub fn watch(self: &Arc<Self>, body: ProxyBody) -> ProxyBody {
+        // Owed from the start: hyper asks a new stream's body for data at once, window allowing.
+        let since = if http_body::Body::is_end_stream(&body) {
+            0
+        } else {
+            millis_since(self.epoch)
+        };
+        let owed = Arc::new(AtomicU64::new(since));
+        {
+            let mut bodies = match self.bodies.lock() {
+                Ok(b) => b,
+                Err(p) => p.into_inner(),
+            };
+            bodies.retain(|b| Arc::strong_count(b) > 1);
+            bodies.push(owed.clone());
+        }
+        self.registered.notify_one();
+        if !self.started.swap(true, Ordering::Relaxed) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = this.connection.cancelled() => {}
+                    () = this.stalled(this.limit) => this.connection.cancel(),
+                }
+            });
+        }
+        http_body_util::BodyExt::boxed_unsync(Watched {
+            inner: body,
+            owed,
+            epoch: self.epoch,
+        })
+    }
+
+    /// Resolves once a watched body has been owed a poll for `limit`. Without watched bodies
+    /// (every HTTP/1 connection) it only waits, with no timer.
+    async fn stalled(&self, limit: Duration) {
+        let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        let every = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        loop {
+            let watching = {
+                let mut bodies = match self.bodies.lock() {
+                    Ok(b) => b,
+                    Err(p) => p.into_inner(),
+                };
+                bodies.retain(|b| Arc::strong_count(b) > 1);
+                !bodies.is_empty()
+            };
+            if !watching {
+                self.registered.notified().await;
+                continue;
+            }
+            tokio::time::sleep(every).await;
+            let now = millis_since(self.epoch);
+            let bodies = match self.bodies.lock() {
+                Ok(b) => b,
+                Err(p) => p.into_inner(),
+            };
+            if bodies.iter().any(|b| {
+                let since = b.load(Ordering::Relaxed);
+                Arc::strong_count(b) > 1 && since != 0 && now.saturating_sub(since) >= limit_ms
+            }) {
+                return;
+            }
+        }
+    }
+}
+
+/// An HTTP/2 answer's body, keeping its [`StallWatch`] entry current.
+struct Watched {
+    inner: ProxyBody,
+    owed: Arc<AtomicU64>,
+    epoch: tokio::time::Instant,
+}
+
+impl http_body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let owed = match &polled {
+            // Data handed over: the next ask is up to the client's window.
+            Poll::Ready(Some(Ok(_))) if !self.inner.is_end_stream() => millis_since(self.epoch),
+            // Waiting on the origin, or done.
+            _ => 0,
+        };
+        self.owed.store(owed, Ordering::Relaxed);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -461,6 +631,63 @@ impl Server {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A body that yields one frame, then waits for `more` before ending.
+    fn one_then_wait(more: tokio::sync::oneshot::Receiver<()>) -> ProxyBody {
+        use http_body_util::BodyExt;
+        let first = futures_util::stream::once(async {
+            Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from_static(b"x")))
+        });
+        let rest = futures_util::stream::once(async move {
+            let _ = more.await;
+            Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from_static(b"y")))
+        });
+        http_body_util::StreamBody::new(futures_util::StreamExt::chain(first, rest)).boxed_unsync()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_answer_nobody_asks_for_is_a_stall_a_slow_origin_is_not() {
+        use http_body_util::BodyExt;
+        let limit = Duration::from_secs(60);
+
+        // Asked once, handed data, then never asked again (the client's window is shut).
+        let watch = Arc::new(StallWatch::new(limit, CancellationToken::new()));
+        let (_more, wait) = tokio::sync::oneshot::channel();
+        let mut body = watch.watch(one_then_wait(wait));
+        let first = body.frame().await.expect("frame").expect("data");
+        assert_eq!(first.into_data().expect("data"), &b"x"[..]);
+        let started = tokio::time::Instant::now();
+        watch.connection.cancelled().await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= limit && waited <= limit + Duration::from_secs(16),
+            "{waited:?}"
+        );
+
+        // Asked again and waiting on its origin for 10 minutes: not the client's doing.
+        let watch = Arc::new(StallWatch::new(limit, CancellationToken::new()));
+        let (more, wait) = tokio::sync::oneshot::channel();
+        let mut body = watch.watch(one_then_wait(wait));
+        body.frame().await.expect("frame").expect("data");
+        let pending = futures_util::poll!(body.frame());
+        assert!(pending.is_pending(), "the origin has sent nothing more");
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(
+            !watch.connection.is_cancelled(),
+            "a slow origin was taken for a stalled client"
+        );
+        more.send(()).expect("origin sends");
+        let last = body.frame().await.expect("frame").expect("data");
+        assert_eq!(last.into_data().expect("data"), &b"y"[..]);
+        assert!(body.frame().await.is_none());
+        drop(body);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(
+            !watch.connection.is_cancelled(),
+            "a finished answer is not a stall"
+        );
+        watch.connection.cancel();
+    }
 
     /// A client that reads nothing: once its buffer is full, writes fail after the limit.
     #[tokio::test(start_paused = true)]

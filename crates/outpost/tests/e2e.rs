@@ -448,7 +448,8 @@ async fn hostile_and_malformed_requests_get_clean_errors() {
             .raw("[server]\nmax_header_bytes = \"16 KiB\"\nmax_headers = 50\nheader_read_timeout = \"1s\"\nsend_timeout = \"1s\"\n")
             .origin("api", &[(&origin, PORTLAND)], "")
             .route("api", "/echo", "api", "max_body_bytes = 1000")
-            .route("bytes", "/bytes", "api", ""),
+            .route("bytes", "/bytes", "api", "")
+            .route("slow", "/slow-body", "api", ""),
     )
     .await;
     let d = SECS(10);
@@ -631,6 +632,51 @@ async fn hostile_and_malformed_requests_get_clean_errors() {
             got < SIZE,
             "the whole answer arrived ({got} bytes): not cut off"
         );
+    }
+
+    // The same on HTTP/2 (h2c, hyper's client): a client that leaves its stream's window shut
+    // (it never reads the body) is cut off after send_timeout too. On HTTP/2 nothing blocks
+    // our writes; the node notices that the answer has data nobody asks for.
+    let h2 = || async {
+        let tcp = tokio::net::TcpStream::connect(node.addr)
+            .await
+            .expect("connect");
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("h2c handshake");
+        (sender, tokio::spawn(conn))
+    };
+    let get = |path: String| {
+        hyper::Request::get(format!("http://x{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request")
+    };
+    {
+        let (mut sender, driver) = h2().await;
+        let resp = sender
+            .send_request(get(format!("/bytes/{}", 200 << 20)))
+            .await
+            .expect("answer head");
+        assert_eq!(resp.status(), 200);
+        let ended = tokio::time::timeout(SECS(20), driver).await;
+        assert!(ended.is_ok(), "the HTTP/2 connection was not closed");
+        drop(resp);
+    }
+    // A slow origin is not a stalled client: 2.5 s between two parts, over send_timeout.
+    {
+        let (mut sender, _driver) = h2().await;
+        let resp = sender
+            .send_request(get("/slow-body?ms=2500".into()))
+            .await
+            .expect("answer head");
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("the whole answer")
+            .to_bytes();
+        assert_eq!(&body[..], b"start\nend\n");
     }
 
     // And the node is still fine.
