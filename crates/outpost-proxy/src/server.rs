@@ -454,9 +454,11 @@ impl Server {
         let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             // Only HTTP/2 answers are watched (HTTP/1 has SendDeadline); nothing extra for HTTP/1.
             let watch = (req.version() == hyper::Version::HTTP_2).then(|| stalls.clone());
-            let answer = handle(node.clone(), conn.clone(), req);
+            let (node, conn) = (node.clone(), conn.clone());
+            // The handler's future is built inside this one, in place: it is large, and moving
+            // a built one in here would copy all of it on every request.
             async move {
-                let resp = answer.await?;
+                let resp = handle(node, conn, req).await?;
                 Ok::<_, Infallible>(match watch {
                     Some(w) => resp.map(|body| w.watch(body)),
                     None => resp,

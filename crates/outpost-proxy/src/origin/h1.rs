@@ -180,6 +180,14 @@ impl Conn {
     /// Free when nothing did (tokio's cached readiness); otherwise one read tells a close or
     /// stray bytes (both retire it) from a TLS session ticket (harmless).
     pub fn still_open(&mut self) -> bool {
+        // Over TLS, bytes may already sit decrypted inside rustls (the read that took the end
+        // of the last answer filled the buffer exactly), or its close_notify: the socket's
+        // readiness cannot show them, and the next request would take them for its answer.
+        if let Stream::Tls(s) = &self.io
+            && !s.get_ref().1.wants_read()
+        {
+            return false;
+        }
         let mut cx = Context::from_waker(Waker::noop());
         match self.io.tcp().poll_read_ready(&mut cx) {
             Poll::Pending => return true,
@@ -238,12 +246,12 @@ pub async fn exchange(
             retry: retryable.then_some(out.body),
         }
     };
-    let parsed = match result {
+    let mut parsed = match result {
         Ok(p) => p,
         Err(e) => return Err(failure(e, out)),
     };
     let head_request = head.method == Method::HEAD;
-    let (framing, keep_alive) = match framing(head_request, &parsed) {
+    let (framing, keep_alive) = match framing(head_request, &mut parsed) {
         Ok(f) => f,
         Err(e) => return Err(failure(e, out)),
     };
@@ -255,7 +263,7 @@ pub async fn exchange(
         conn: Some(conn),
         framing,
         keep_alive,
-        out: (!out.is_finished()).then_some(out),
+        out: (!out.is_complete()).then_some(out),
         home: home.clone(),
     };
     if matches!(origin_body.framing, Framing::Done) {
@@ -387,8 +395,13 @@ impl Outgoing {
                     Poll::Pending => return Ok(()),
                 }
             } else if !self.body_done {
-                self.poll_body(cx)?;
-                if self.queue.is_empty() && !self.body_done {
+                if !self.poll_body(cx)? {
+                    // Waiting on the body: push out what a TLS layer may still hold (it takes
+                    // bytes into its own buffer when the socket is full), or the origin could
+                    // wait for them while we wait for the client.
+                    if let Poll::Ready(Err(e)) = Pin::new(&mut *io).poll_flush(cx) {
+                        self.write_failed = Some(e);
+                    }
                     return Ok(());
                 }
             } else if !self.flushed {
@@ -421,11 +434,12 @@ impl Outgoing {
     }
 
     /// Queues the body's next frame, if one is ready (hyper's rule: a body that says it is at
-    /// its end is not polled again).
-    fn poll_body(&mut self, cx: &mut Context<'_>) -> Result<(), ExchangeError> {
+    /// its end is not polled again). `Ok(false)`: the body is not ready (its waker is set).
+    /// A ready frame may queue nothing (empty data, trailers): the caller asks again.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Result<bool, ExchangeError> {
         self.body_touched = true;
         match Pin::new(&mut self.body).poll_frame(cx) {
-            Poll::Pending => {}
+            Poll::Pending => return Ok(false),
             Poll::Ready(Some(Ok(frame))) => {
                 // Trailers of a client's body are dropped, as hyper's client drops them.
                 if let Ok(data) = frame.into_data()
@@ -440,7 +454,7 @@ impl Outgoing {
             Poll::Ready(Some(Err(e))) => return Err(ExchangeError::RequestBody(e)),
             Poll::Ready(None) => self.end_body()?,
         }
-        Ok(())
+        Ok(true)
     }
 
     fn queue_data(&mut self, data: Bytes) -> Result<(), ExchangeError> {
@@ -598,8 +612,8 @@ pub fn parse_response(
     head_request: bool,
 ) -> Result<(Response<()>, Vec<u8>), ExchangeError> {
     let mut buf = BytesMut::from(bytes);
-    let head = parse_head(&mut buf)?.ok_or(ExchangeError::ClosedEarly)?;
-    let (mut framing, _) = framing(head_request, &head)?;
+    let mut head = parse_head(&mut buf)?.ok_or(ExchangeError::ClosedEarly)?;
+    let (mut framing, _) = framing(head_request, &mut head)?;
     let mut body = Vec::new();
     loop {
         match &mut framing {
@@ -644,7 +658,10 @@ enum Framing {
 
 /// The response body's framing (RFC 9112 §6.3) and whether the connection may carry another
 /// exchange after it.
-fn framing(head_request: bool, head: &ParsedHead) -> Result<(Framing, bool), ExchangeError> {
+///
+/// A `Content-Length` beside a `Transfer-Encoding` is removed (§6.3 ¶3: an intermediary must
+/// not forward it), or the client would be told a length the decoded body does not have.
+fn framing(head_request: bool, head: &mut ParsedHead) -> Result<(Framing, bool), ExchangeError> {
     let code = head.status.as_u16();
     let http11 = head.version == Version::HTTP_11;
     let mut keep_alive = if http11 {
@@ -658,25 +675,25 @@ fn framing(head_request: bool, head: &ParsedHead) -> Result<(Framing, bool), Exc
     if head_request || code == 204 || code == 304 {
         return Ok((Framing::Done, keep_alive));
     }
-    let mut codings = head
+    // The last coding named, if any: whether it is `chunked`.
+    let last_chunked = head
         .headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty())
-        .peekable();
-    if codings.peek().is_some() {
+        .rfind(|c| !c.is_empty())
+        .map(|c| c.eq_ignore_ascii_case(b"chunked"));
+    if let Some(chunked) = last_chunked {
         // Content-Length beside Transfer-Encoding, or chunked from an HTTP/1.0 peer: the
         // framing is doubtful, so the connection carries nothing after this (§6.1).
-        if head.headers.contains_key(header::CONTENT_LENGTH) || !http11 {
+        if head.headers.remove(header::CONTENT_LENGTH).is_some() || !http11 {
             keep_alive = false;
         }
-        return Ok(match codings.last() {
-            Some(last) if last.eq_ignore_ascii_case(b"chunked") => {
-                (Framing::Chunked(Chunked::default()), keep_alive)
-            }
-            _ => (Framing::Close, false),
+        return Ok(if chunked {
+            (Framing::Chunked(Chunked::default()), keep_alive)
+        } else {
+            (Framing::Close, false)
         });
     }
     let mut length: Option<u64> = None;
@@ -868,6 +885,10 @@ impl OriginBody {
             && conn.buf.is_empty()
         {
             conn.read_size = READ_MIN;
+            if conn.buf.capacity() > 2 * READ_MIN {
+                // A large answer grew it: an idle connection keeps no more than a small one.
+                conn.buf = BytesMut::new();
+            }
             conn.since = Instant::now();
             self.home.give_back(conn);
         }
@@ -1542,6 +1563,352 @@ mod tests {
         );
     }
 
+    /// An origin that reads one chunked request body to its end with the decoder under test and
+    /// echoes it back with a Content-Length; keeps serving on the connection.
+    async fn echo_chunked_origin(_: usize, mut sock: TcpStream) {
+        let mut pending = Vec::new();
+        while let Some((head, _)) = read_request(&mut sock, &mut pending).await {
+            assert!(head.contains("transfer-encoding: chunked"), "{head}");
+            let mut buf = BytesMut::from(&pending[..]);
+            let mut decoder = Chunked::default();
+            let mut body = Vec::new();
+            loop {
+                match decoder.decode(&mut buf).expect("chunked") {
+                    Step::Data(d) => body.extend_from_slice(&d),
+                    Step::End => break,
+                    Step::More => {
+                        let mut chunk = [0u8; 4096];
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                }
+            }
+            pending = buf.to_vec();
+            let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            sock.write_all(reply.as_bytes()).await.expect("write");
+            sock.write_all(&body).await.expect("write");
+        }
+    }
+
+    /// a request body frame that queues nothing (a trailers frame that is not the end,
+    /// as hyper's `Incoming` yields for a chunked request with trailers) makes
+    /// `Outgoing::poll_write` return with no waker registered; the exchange then waits on the
+    /// origin, which waits for the rest of the body.
+    #[tokio::test]
+    async fn a_trailers_frame_does_not_stall_the_upload() {
+        let (addr, _) = origin(echo_chunked_origin).await;
+        let pool = pool(addr);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", HeaderValue::from_static("abc"));
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"hello"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let upload = body::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.send(request(Method::POST, upload)),
+        )
+        .await
+        .expect("hang: trailers frame left poll_write without a waker")
+        .expect("send");
+        assert_eq!(text(resp).await.expect("body"), "hello");
+    }
+
+    /// an empty data frame.
+    #[tokio::test]
+    async fn an_empty_data_frame_does_not_stall_the_upload() {
+        let (addr, _) = origin(echo_chunked_origin).await;
+        let pool = pool(addr);
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::new())),
+            Ok(Frame::data(Bytes::from_static(b"hello"))),
+        ];
+        let upload = body::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.send(request(Method::POST, upload)),
+        )
+        .await
+        .expect("hang: empty data frame left poll_write without a waker")
+        .expect("send");
+        assert_eq!(text(resp).await.expect("body"), "hello");
+    }
+
+    /// A TLS origin's acceptor and the pool's side of it: a self-signed certificate for
+    /// `localhost`, made for the test, trusted as its own root.
+    fn tls_pair() -> (tokio_rustls::TlsAcceptor, crate::origin::pool::PoolTls) {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let cert = CertificateDer::from(made.cert.der().to_vec());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.key_pair.serialize_der()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            crate::origin::pool::PoolTls {
+                connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+                server_name: ServerName::try_from("localhost").expect("name"),
+            },
+        )
+    }
+
+    /// A first answer whose head and body are exactly 8192 bytes (the first read's size),
+    /// followed in the same write by bytes the origin should not have sent.
+    fn aligned_answer_then_stray() -> Vec<u8> {
+        let mut body_len = 8192 - 40;
+        loop {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {body_len}\r\n\r\n");
+            if head.len() + body_len == 8192 {
+                let mut out = head.into_bytes();
+                out.extend(std::iter::repeat_n(b'a', body_len));
+                out.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTALE");
+                return out;
+            }
+            body_len = 8192 - head.len();
+        }
+    }
+
+    /// Reads one request head off any stream (enough for bodiless GETs).
+    async fn read_head_any<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut b = [0u8; 1024];
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&b[..n]),
+            }
+        }
+        true
+    }
+
+    /// over TLS, `still_open` trusts the TCP socket's readiness, but stray bytes can
+    /// already sit decrypted inside rustls (the read that took the end of the body filled the
+    /// buffer exactly); the connection is reused and the next request gets them as its answer.
+    /// Over plain TCP the same origin is caught (the control test below passes).
+    #[tokio::test]
+    async fn tls_bytes_left_inside_rustls_retire_the_connection() {
+        let (acceptor, pool_tls) = tls_pair();
+        let (addr, accepted) = origin(move |n, sock| {
+            let acceptor = acceptor.clone();
+            async move {
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let mut first = n == 0;
+                while read_head_any(&mut tls).await {
+                    if std::mem::take(&mut first) {
+                        let _ = tls.write_all(&aligned_answer_then_stray()).await;
+                    } else {
+                        let _ = tls
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+                            .await;
+                    }
+                    let _ = tls.flush().await;
+                }
+            }
+        })
+        .await;
+        let pool = H1Pool::new(
+            addr.to_string().parse().expect("authority"),
+            Some(pool_tls),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            8,
+        );
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("first");
+        assert!(text(resp).await.expect("body").len() > 8000);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("second");
+        let second = text(resp).await.expect("body");
+        assert_eq!(
+            second,
+            "fresh",
+            "the second request got the stray bytes of the first exchange (connections: {})",
+            accepted.load(Ordering::SeqCst)
+        );
+    }
+
+    /// Control for the TLS finding: the same origin over plain TCP is caught by `still_open`.
+    #[tokio::test]
+    async fn stray_bytes_after_an_answer_retire_the_connection() {
+        let (addr, accepted) = origin(|n, mut sock| async move {
+            if n == 0 {
+                if !read_head_any(&mut sock).await {
+                    return;
+                }
+                let _ = sock.write_all(&aligned_answer_then_stray()).await;
+            }
+            while read_head_any(&mut sock).await {
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+                    .await;
+            }
+        })
+        .await;
+        let pool = pool(addr);
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("first");
+        let _ = text(resp).await.expect("body");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let resp = pool
+            .send(request(Method::GET, body::empty()))
+            .await
+            .expect("second");
+        assert_eq!(text(resp).await.expect("body"), "fresh");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the first connection was retired"
+        );
+    }
+
+    /// Pre-existing with hyper too, RFC 9112 §6.3 ¶3: Content-Length next to Transfer-Encoding
+    /// is kept in the forwarded head (only hop-by-hop fields are stripped later).
+    #[test]
+    fn content_length_beside_transfer_encoding_is_dropped() {
+        let (resp, body) = parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+            false,
+        )
+        .expect("parses");
+        assert_eq!(body, b"hi");
+        assert!(
+            !resp.headers().contains_key(header::CONTENT_LENGTH),
+            "Content-Length: 99 survives next to a 2-byte decoded body"
+        );
+    }
+
+    /// over TLS, tokio-rustls accepts plaintext into its own buffer when the socket is
+    /// full and reports it written; `Outgoing::poll_write` never flushes until the body ends,
+    /// so when the request body then pauses (waiting on the client) the tail of what was
+    /// "written" never leaves. An origin waiting for those bytes and a client waiting for the
+    /// answer deadlock.
+    #[tokio::test]
+    async fn tls_upload_tail_leaves_while_the_body_pauses() {
+        const CHUNK: usize = 16 * 1024 * 1024;
+        let (acceptor, pool_tls) = tls_pair();
+        let (addr, _) = origin(move |_, sock| {
+            let acceptor = acceptor.clone();
+            async move {
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                // Let the sender fill every buffer first.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let mut xs = 0usize;
+                let mut b = vec![0u8; 64 * 1024];
+                while xs < CHUNK {
+                    match tls.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => xs += b[..n].iter().filter(|c| **c == b'x').count(),
+                    }
+                    // A slow reader: the sender is always ahead, its socket full.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                let _ = tls
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
+                    .await;
+                let _ = tls.flush().await;
+                let _ = tls.read(&mut b).await;
+            }
+        })
+        .await;
+        let pool = H1Pool::new(
+            addr.to_string().parse().expect("authority"),
+            Some(pool_tls),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            8,
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let upload = body::boxed(http_body_util::StreamBody::new(tokio_stream_from(rx)));
+        tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; CHUNK]))))
+            .await
+            .expect("chunk");
+        // `tx` stays open: the client has more to send, later.
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.send(request(Method::POST, upload)),
+        )
+        .await
+        .expect("deadlock: the tail of the chunk is still inside rustls")
+        .expect("send");
+        assert_eq!(resp.status(), StatusCode::OK);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_left_from_a_burst_are_retired_as_traffic_goes_on() {
+        let (addr, accepted) = origin(|_, mut sock| async move {
+            let mut pending = Vec::new();
+            while read_request(&mut sock, &mut pending).await.is_some() {
+                sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .expect("write");
+            }
+        })
+        .await;
+        let pool = H1Pool::new(
+            addr.to_string().parse().expect("authority"),
+            None,
+            Duration::from_secs(5),
+            Duration::from_millis(200),
+            8,
+        );
+        // A burst: three exchanges at once, three connections, all idle afterwards.
+        let burst = futures_util::future::join_all(
+            (0..3).map(|_| pool.send(request(Method::GET, body::empty()))),
+        )
+        .await;
+        for resp in burst {
+            assert_eq!(text(resp.expect("send")).await.expect("body"), "ok");
+        }
+        assert_eq!(pool.idle_for_test().len(), 3);
+        // Then one request at a time for longer than the idle timeout: the top connection
+        // serves them all, and the two below it go once they are past the timeout.
+        let until = Instant::now() + Duration::from_millis(400);
+        while Instant::now() < until {
+            let resp = pool
+                .send(request(Method::GET, body::empty()))
+                .await
+                .expect("send");
+            assert_eq!(text(resp).await.expect("body"), "ok");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(pool.idle_for_test().len(), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
     /// Encodes `chunks` as a chunked body with an extension on the first and one trailer.
     fn encode_chunked(chunks: &[Vec<u8>]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -1642,7 +2009,7 @@ mod tests {
             let mut buf = BytesMut::from(raw);
             parse_head(&mut buf).expect("head").expect("complete")
         };
-        let keep = |raw: &[u8]| framing(false, &head(raw)).expect("framing").1;
+        let keep = |raw: &[u8]| framing(false, &mut head(raw)).expect("framing").1;
         assert!(keep(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
         assert!(!keep(
             b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, CLOSE\r\nContent-Length: 0\r\n\r\n"

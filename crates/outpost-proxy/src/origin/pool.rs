@@ -138,6 +138,15 @@ impl H1Pool {
             Ok(l) => l,
             Err(p) => p.into_inner(),
         };
+        // The oldest idle connection is at the bottom (the list is used as a stack): retire it
+        // once past the idle timeout, so that a burst's leftovers are closed as traffic goes
+        // on instead of waiting, closed by the origin, until something digs down to them.
+        if list
+            .first()
+            .is_some_and(|oldest| conn.since.duration_since(oldest.since) >= self.idle_timeout)
+        {
+            list.remove(0);
+        }
         if list.len() < self.max_idle {
             list.push(conn);
         }
