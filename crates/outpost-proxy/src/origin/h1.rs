@@ -1060,6 +1060,55 @@ mod tests {
         }
     }
 
+    /// A 200 answer with `body` and its Content-Length.
+    fn ok_with(body: &[u8]) -> Vec<u8> {
+        let mut reply =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        reply.extend_from_slice(body);
+        reply
+    }
+
+    /// Reads a chunked request body off a socket, piece by piece, with the decoder under test.
+    struct ChunkedReader {
+        buf: BytesMut,
+        decoder: Chunked,
+    }
+
+    impl ChunkedReader {
+        /// Starts with the bytes already read after the head.
+        fn new(pending: &[u8]) -> Self {
+            ChunkedReader {
+                buf: BytesMut::from(pending),
+                decoder: Chunked::default(),
+            }
+        }
+
+        /// The next piece of the body; `None` at its end.
+        async fn next(&mut self, sock: &mut TcpStream) -> Option<Bytes> {
+            loop {
+                match self
+                    .decoder
+                    .decode(&mut self.buf)
+                    .expect("well-formed chunked")
+                {
+                    Step::Data(d) => return Some(d),
+                    Step::End => return None,
+                    Step::More => {
+                        let mut chunk = [0u8; 4096];
+                        let n = sock.read(&mut chunk).await.expect("read");
+                        assert!(n > 0, "chunked body cut short");
+                        self.buf.extend_from_slice(&chunk[..n]);
+                    }
+                }
+            }
+        }
+
+        /// What followed the body (the next request).
+        fn rest(self) -> Vec<u8> {
+            self.buf.to_vec()
+        }
+    }
+
     fn pool(addr: SocketAddr) -> Arc<H1Pool> {
         H1Pool::new(
             addr.to_string().parse().expect("authority"),
@@ -1367,22 +1416,11 @@ mod tests {
             while let Some((head, body)) = read_request(&mut sock, &mut pending).await {
                 let mut body = String::from_utf8_lossy(&body).into_owned();
                 if head.contains("transfer-encoding: chunked\r\n") {
-                    // Read the chunked body through the decoder under test's own rules.
-                    let mut buf = BytesMut::from(&pending[..]);
-                    let mut decoder = Chunked::default();
-                    loop {
-                        match decoder.decode(&mut buf).expect("well-formed chunked") {
-                            Step::Data(d) => body.push_str(&String::from_utf8_lossy(&d)),
-                            Step::End => break,
-                            Step::More => {
-                                let mut chunk = [0u8; 4096];
-                                let n = sock.read(&mut chunk).await.expect("read");
-                                assert!(n > 0, "chunked body cut short");
-                                buf.extend_from_slice(&chunk[..n]);
-                            }
-                        }
+                    let mut reader = ChunkedReader::new(&pending);
+                    while let Some(d) = reader.next(&mut sock).await {
+                        body.push_str(&String::from_utf8_lossy(&d));
                     }
-                    pending = buf.to_vec();
+                    pending = reader.rest();
                 }
                 let framing = if head.contains("transfer-encoding: chunked") {
                     "chunked"
@@ -1391,12 +1429,8 @@ mod tests {
                 } else {
                     "none"
                 };
-                let answer = format!("{framing}:{body}");
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
-                    answer.len()
-                );
-                sock.write_all(reply.as_bytes()).await.expect("write");
+                let reply = ok_with(format!("{framing}:{body}").as_bytes());
+                sock.write_all(&reply).await.expect("write");
             }
         })
         .await;
@@ -1498,22 +1532,10 @@ mod tests {
             sock.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                 .await
                 .expect("write");
-            let mut buf = BytesMut::from(&pending[..]);
-            let mut decoder = Chunked::default();
-            loop {
-                match decoder.decode(&mut buf).expect("well-formed chunked") {
-                    Step::Data(d) => {
-                        let chunk = format!("{:x}\r\n{}\r\n", d.len(), String::from_utf8_lossy(&d));
-                        sock.write_all(chunk.as_bytes()).await.expect("echo");
-                    }
-                    Step::End => break,
-                    Step::More => {
-                        let mut chunk = [0u8; 4096];
-                        let n = sock.read(&mut chunk).await.expect("read");
-                        assert!(n > 0, "upload cut short");
-                        buf.extend_from_slice(&chunk[..n]);
-                    }
-                }
+            let mut reader = ChunkedReader::new(&pending);
+            while let Some(d) = reader.next(&mut sock).await {
+                let chunk = format!("{:x}\r\n{}\r\n", d.len(), String::from_utf8_lossy(&d));
+                sock.write_all(chunk.as_bytes()).await.expect("echo");
             }
             sock.write_all(b"0\r\n\r\n").await.expect("end");
             let _ = read_request(&mut sock, &mut Vec::new()).await;
@@ -1569,27 +1591,13 @@ mod tests {
         let mut pending = Vec::new();
         while let Some((head, _)) = read_request(&mut sock, &mut pending).await {
             assert!(head.contains("transfer-encoding: chunked"), "{head}");
-            let mut buf = BytesMut::from(&pending[..]);
-            let mut decoder = Chunked::default();
+            let mut reader = ChunkedReader::new(&pending);
             let mut body = Vec::new();
-            loop {
-                match decoder.decode(&mut buf).expect("chunked") {
-                    Step::Data(d) => body.extend_from_slice(&d),
-                    Step::End => break,
-                    Step::More => {
-                        let mut chunk = [0u8; 4096];
-                        let n = sock.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                    }
-                }
+            while let Some(d) = reader.next(&mut sock).await {
+                body.extend_from_slice(&d);
             }
-            pending = buf.to_vec();
-            let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
-            sock.write_all(reply.as_bytes()).await.expect("write");
-            sock.write_all(&body).await.expect("write");
+            pending = reader.rest();
+            sock.write_all(&ok_with(&body)).await.expect("write");
         }
     }
 
