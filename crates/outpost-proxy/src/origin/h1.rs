@@ -1133,6 +1133,21 @@ mod tests {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// Sends a request without a body.
+    async fn bodiless(
+        pool: &Arc<H1Pool>,
+        method: Method,
+    ) -> Result<Response<ProxyBody>, PoolError> {
+        pool.send(request(method, body::empty())).await
+    }
+
+    /// Sends a request without a body and reads the whole answer as text; `what` names the
+    /// exchange in a failure.
+    async fn answer(pool: &Arc<H1Pool>, method: Method, what: &str) -> String {
+        let resp = bodiless(pool, method).await.expect(what);
+        text(resp).await.expect(what)
+    }
+
     #[tokio::test]
     async fn keep_alive_connection_carries_several_exchanges() {
         let (addr, accepted) = origin(|_, mut sock| async move {
@@ -1198,42 +1213,25 @@ mod tests {
         })
         .await;
         let pool = pool(addr);
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("chunked");
-        assert_eq!(text(resp).await.expect("body"), "hello, world");
+        assert_eq!(answer(&pool, Method::GET, "chunked").await, "hello, world");
         // Reused for a 304 (no body whatever Content-Length says).
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("304");
+        let resp = bodiless(&pool, Method::GET).await.expect("304");
         assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
         assert!(resp.body().is_end_stream());
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
         // Drain the idle one so the next requests get connections 1, 2, 3.
         drop(pool.take_idle());
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("1xx");
+        let resp = bodiless(&pool, Method::GET).await.expect("1xx");
         assert_eq!(resp.status(), StatusCode::OK, "interim answers are skipped");
         assert_eq!(text(resp).await.expect("body"), "ok");
         drop(pool.take_idle());
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("close");
-        assert_eq!(text(resp).await.expect("body"), "until close");
+        assert_eq!(answer(&pool, Method::GET, "close").await, "until close");
         assert!(
             pool.take_idle().is_none(),
             "a close-delimited answer ends its connection"
         );
-        let resp = pool
-            .send(request(Method::HEAD, body::empty()))
-            .await
-            .expect("head");
+        let resp = bodiless(&pool, Method::HEAD).await.expect("head");
         assert_eq!(resp.headers()["content-length"], "100");
         assert!(resp.body().is_end_stream(), "a HEAD answer has no body");
         assert_eq!(accepted.load(Ordering::SeqCst), 4);
@@ -1262,7 +1260,7 @@ mod tests {
         .await;
         let pool = pool(addr);
         for i in 0..count {
-            match pool.send(request(Method::GET, body::empty())).await {
+            match bodiless(&pool, Method::GET).await {
                 Err(PoolError::Exchange(
                     ExchangeError::Malformed(_) | ExchangeError::BadHead(_),
                 )) => {}
@@ -1301,21 +1299,14 @@ mod tests {
         })
         .await;
         let pool = pool(addr);
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("head arrives");
+        let resp = bodiless(&pool, Method::GET).await.expect("head arrives");
         let err = text(resp).await.expect_err("body cut short");
         assert!(err.to_string().contains("middle of its response"), "{err}");
-        match pool.send(request(Method::GET, body::empty())).await {
+        match bodiless(&pool, Method::GET).await {
             Err(PoolError::Exchange(ExchangeError::HeadTooLarge)) => {}
             other => panic!("{other:?}"),
         }
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("overlong");
-        assert_eq!(text(resp).await.expect("body"), "ok");
+        assert_eq!(answer(&pool, Method::GET, "overlong").await, "ok");
         assert!(
             pool.take_idle().is_none(),
             "left-over bytes retire the connection"
@@ -1342,16 +1333,8 @@ mod tests {
     async fn an_idempotent_request_on_a_just_closed_connection_goes_again() {
         let (addr, accepted) = origin(closes_on_second_request).await;
         let pool = pool(addr);
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("first");
-        assert_eq!(text(resp).await.expect("body"), "0");
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("retried");
-        assert_eq!(text(resp).await.expect("body"), "1");
+        assert_eq!(answer(&pool, Method::GET, "first").await, "0");
+        assert_eq!(answer(&pool, Method::GET, "retried").await, "1");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -1359,12 +1342,8 @@ mod tests {
     async fn a_non_idempotent_request_that_went_out_is_not_repeated() {
         let (addr, accepted) = origin(closes_on_second_request).await;
         let pool = pool(addr);
-        let resp = pool
-            .send(request(Method::POST, body::empty()))
-            .await
-            .expect("first");
-        assert_eq!(text(resp).await.expect("body"), "0");
-        match pool.send(request(Method::POST, body::empty())).await {
+        assert_eq!(answer(&pool, Method::POST, "first").await, "0");
+        match bodiless(&pool, Method::POST).await {
             Err(PoolError::Exchange(ExchangeError::ClosedBeforeAnswer)) => {}
             other => panic!("{other:?}"),
         }
@@ -1383,11 +1362,7 @@ mod tests {
         })
         .await;
         let pool = pool(addr);
-        let resp = pool
-            .send(request(Method::POST, body::empty()))
-            .await
-            .expect("first");
-        assert_eq!(text(resp).await.expect("body"), "0");
+        assert_eq!(answer(&pool, Method::POST, "first").await, "0");
         // Wait until the close has reached this side, then a POST must go on a new connection.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -1401,11 +1376,7 @@ mod tests {
             assert!(Instant::now() < deadline, "the close never arrived");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let resp = pool
-            .send(request(Method::POST, body::empty()))
-            .await
-            .expect("second");
-        assert_eq!(text(resp).await.expect("body"), "1");
+        assert_eq!(answer(&pool, Method::POST, "second").await, "1");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -1440,10 +1411,7 @@ mod tests {
             .await
             .expect("put");
         assert_eq!(text(resp).await.expect("body"), "length:known");
-        let resp = pool
-            .send(request(Method::POST, body::empty()))
-            .await
-            .expect("post");
+        let resp = bodiless(&pool, Method::POST).await.expect("post");
         assert_eq!(
             text(resp).await.expect("body"),
             "length:",
@@ -1743,16 +1711,10 @@ mod tests {
             Duration::from_secs(60),
             8,
         );
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("first");
+        let resp = bodiless(&pool, Method::GET).await.expect("first");
         assert!(text(resp).await.expect("body").len() > 8000);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("second");
+        let resp = bodiless(&pool, Method::GET).await.expect("second");
         let second = text(resp).await.expect("body");
         assert_eq!(
             second,
@@ -1780,17 +1742,10 @@ mod tests {
         })
         .await;
         let pool = pool(addr);
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("first");
+        let resp = bodiless(&pool, Method::GET).await.expect("first");
         let _ = text(resp).await.expect("body");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let resp = pool
-            .send(request(Method::GET, body::empty()))
-            .await
-            .expect("second");
-        assert_eq!(text(resp).await.expect("body"), "fresh");
+        assert_eq!(answer(&pool, Method::GET, "second").await, "fresh");
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             2,
