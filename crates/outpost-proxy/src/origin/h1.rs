@@ -1133,6 +1133,23 @@ mod tests {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// POSTs `upload` and waits at most `secs` for the answer head; `what` says what a
+    /// timeout means.
+    async fn post_within(
+        pool: &Arc<H1Pool>,
+        upload: ProxyBody,
+        secs: u64,
+        what: &str,
+    ) -> Response<ProxyBody> {
+        tokio::time::timeout(
+            Duration::from_secs(secs),
+            pool.send(request(Method::POST, upload)),
+        )
+        .await
+        .expect(what)
+        .expect("send")
+    }
+
     /// Sends a request without a body.
     async fn bodiless(
         pool: &Arc<H1Pool>,
@@ -1472,13 +1489,7 @@ mod tests {
                 Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'x'; 64 * 1024])))
             }),
         ));
-        let resp = tokio::time::timeout(
-            Duration::from_secs(20),
-            pool.send(request(Method::POST, endless)),
-        )
-        .await
-        .expect("answered before the body ended")
-        .expect("send");
+        let resp = post_within(&pool, endless, 20, "answered before the body ended").await;
         assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
         drop(resp);
         assert!(
@@ -1520,27 +1531,19 @@ mod tests {
             .await
             .expect("answer head");
         let mut body = resp.into_body();
-        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
-            .await
-            .expect("echo of the first piece")
-            .expect("a frame")
-            .expect("data");
-        assert_eq!(
-            frame.into_data().expect("data"),
-            Bytes::from_static(b"ping")
-        );
-        tx.send(Ok(Frame::data(Bytes::from_static(b"pong"))))
-            .await
-            .expect("second piece");
-        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
-            .await
-            .expect("echo of the second piece")
-            .expect("a frame")
-            .expect("data");
-        assert_eq!(
-            frame.into_data().expect("data"),
-            Bytes::from_static(b"pong")
-        );
+        for (i, piece) in [&b"ping"[..], &b"pong"[..]].into_iter().enumerate() {
+            if i > 0 {
+                tx.send(Ok(Frame::data(Bytes::from_static(piece))))
+                    .await
+                    .expect("next piece");
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .expect("the echo of the piece just sent")
+                .expect("a frame")
+                .expect("data");
+            assert_eq!(frame.into_data().expect("data"), piece);
+        }
         drop(tx);
         let rest = tokio::time::timeout(Duration::from_secs(10), body.collect())
             .await
@@ -1569,53 +1572,44 @@ mod tests {
         }
     }
 
-    /// a request body frame that queues nothing (a trailers frame that is not the end,
-    /// as hyper's `Incoming` yields for a chunked request with trailers) makes
-    /// `Outgoing::poll_write` return with no waker registered; the exchange then waits on the
-    /// origin, which waits for the rest of the body.
+    /// A request body frame that queues nothing (a trailers frame before the end, as hyper's
+    /// `Incoming` yields for a chunked request with trailers; an empty data frame) must not
+    /// leave the upload without a waker: the origin would wait for the rest of the body.
     #[tokio::test]
-    async fn a_trailers_frame_does_not_stall_the_upload() {
+    async fn frames_that_queue_nothing_do_not_stall_the_upload() {
         let (addr, _) = origin(echo_chunked_origin).await;
         let pool = pool(addr);
         let mut trailers = HeaderMap::new();
         trailers.insert("x-checksum", HeaderValue::from_static("abc"));
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"hello"))),
-            Ok(Frame::trailers(trailers)),
+        let cases: [(&str, Vec<Frame<Bytes>>); 2] = [
+            (
+                "trailers",
+                vec![
+                    Frame::data(Bytes::from_static(b"hello")),
+                    Frame::trailers(trailers),
+                ],
+            ),
+            (
+                "empty data",
+                vec![
+                    Frame::data(Bytes::new()),
+                    Frame::data(Bytes::from_static(b"hello")),
+                ],
+            ),
         ];
-        let upload = body::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
-            frames,
-        )));
-        let resp = tokio::time::timeout(
-            Duration::from_secs(5),
-            pool.send(request(Method::POST, upload)),
-        )
-        .await
-        .expect("hang: trailers frame left poll_write without a waker")
-        .expect("send");
-        assert_eq!(text(resp).await.expect("body"), "hello");
-    }
-
-    /// an empty data frame.
-    #[tokio::test]
-    async fn an_empty_data_frame_does_not_stall_the_upload() {
-        let (addr, _) = origin(echo_chunked_origin).await;
-        let pool = pool(addr);
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
-            Ok(Frame::data(Bytes::new())),
-            Ok(Frame::data(Bytes::from_static(b"hello"))),
-        ];
-        let upload = body::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
-            frames,
-        )));
-        let resp = tokio::time::timeout(
-            Duration::from_secs(5),
-            pool.send(request(Method::POST, upload)),
-        )
-        .await
-        .expect("hang: empty data frame left poll_write without a waker")
-        .expect("send");
-        assert_eq!(text(resp).await.expect("body"), "hello");
+        for (case, frames) in cases {
+            let upload = body::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+                frames.into_iter().map(Ok::<_, BoxError>),
+            )));
+            let resp = tokio::time::timeout(
+                Duration::from_secs(5),
+                pool.send(request(Method::POST, upload)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{case}: the upload stalled"))
+            .expect("send");
+            assert_eq!(text(resp).await.expect("body"), "hello", "{case}");
+        }
     }
 
     /// A TLS origin's acceptor and the pool's side of it: a self-signed certificate for
@@ -1819,13 +1813,13 @@ mod tests {
             .await
             .expect("chunk");
         // `tx` stays open: the client has more to send, later.
-        let resp = tokio::time::timeout(
-            Duration::from_secs(10),
-            pool.send(request(Method::POST, upload)),
+        let resp = post_within(
+            &pool,
+            upload,
+            10,
+            "deadlock: the tail of the chunk is still inside rustls",
         )
-        .await
-        .expect("deadlock: the tail of the chunk is still inside rustls")
-        .expect("send");
+        .await;
         assert_eq!(resp.status(), StatusCode::OK);
         drop(tx);
     }
