@@ -240,7 +240,7 @@ pub async fn exchange(
         std::future::poll_fn(|cx| poll_exchange(&mut conn, &mut out, cx, &mut received)).await;
     let failure = |error: ExchangeError, out: Outgoing| {
         let retryable =
-            !received && !out.body_touched && (out.sent == 0 || is_idempotent(&head.method));
+            !received && !out.body_touched && (out.sent == 0 || head.method.is_idempotent());
         Failure {
             error,
             retry: retryable.then_some(out.body),
@@ -270,14 +270,6 @@ pub async fn exchange(
         origin_body.finish();
     }
     Ok(response.map(|()| http_body_util::BodyExt::boxed_unsync(origin_body)))
-}
-
-/// RFC 9110 §9.2.2.
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// Whether a request with this method and no body states `Content-Length: 0` (RFC 9110 §8.6:
