@@ -16,8 +16,9 @@
 #   BENCH_SERVER_CPU       core of the proxy under test           (default 0)
 #   BENCH_ORIGIN_CPU       core of the origin                     (default 1)
 #   BENCH_READY_TIMEOUT    seconds outpost gets to become ready   (default 20)
-#   BENCH_ROUNDS           nginx/outpost measurement pairs, taken in turns (default 3); the
-#                          ratios reported are the medians of the per-round ratios
+#   BENCH_ROUNDS           nginx/outpost measurement pairs, taken in turns (default 3, odd
+#                          counts are best); the ratios reported are the medians of the
+#                          per-round ratios
 #
 # See bench/README.md.
 set -euo pipefail
@@ -153,22 +154,38 @@ fi
 # same machine, so each round gives a ratio and the report takes the median of those.
 round_ratios=()
 round_p99_ratios=()
-nginx_cpu_all=()
-outpost_cpu_all=()
-nginx_p99_all=()
-outpost_p99_all=()
-for ((round = 1; round <= BENCH_ROUNDS; round++)); do
+[[ $BENCH_ROUNDS =~ ^[1-9][0-9]*$ ]] || bench_die "BENCH_ROUNDS must be a whole number from 1 (got '$BENCH_ROUNDS')"
+rounds=$BENCH_ROUNDS
+((outpost_ready == 1)) || rounds=1
+# One measurement; false (and a logged reason) when it could not be taken.
+measure_nginx() {
+    bench_measure "nginx$1" "$nginx_url" "$nginx_pid" "${nginx_workers[@]}" || return 1
+    round_nginx_cpu=$BENCH_RESULT_CPU_US round_nginx_p99=$BENCH_RESULT_P99_US
+}
+measure_outpost() {
+    bench_measure "outpost$1" "$outpost_url" "$outpost_pid" || return 1
+    round_outpost_cpu=$BENCH_RESULT_CPU_US round_outpost_p99=$BENCH_RESULT_P99_US
+}
+for ((round = 1; round <= rounds; round++)); do
     suffix=""
-    ((BENCH_ROUNDS == 1)) || suffix=".$round"
-    bench_measure "nginx$suffix" "$nginx_url" "$nginx_pid" "${nginx_workers[@]}"
-    nginx_cpu_all+=("$BENCH_RESULT_CPU_US")
-    nginx_p99_all+=("$BENCH_RESULT_P99_US")
-    ((outpost_ready == 1)) || continue
-    bench_measure "outpost$suffix" "$outpost_url" "$outpost_pid"
-    outpost_cpu_all+=("$BENCH_RESULT_CPU_US")
-    outpost_p99_all+=("$BENCH_RESULT_P99_US")
-    round_ratios+=("$(bench_ratio "$BENCH_RESULT_CPU_US" "${nginx_cpu_all[-1]}")")
-    round_p99_ratios+=("$(bench_ratio "$BENCH_RESULT_P99_US" "${nginx_p99_all[-1]}")")
+    ((rounds == 1)) || suffix=".$round"
+    round_nginx_cpu="" round_outpost_cpu="" round_nginx_p99="" round_outpost_p99=""
+    if ((outpost_ready == 0)); then
+        measure_nginx "$suffix" || bench_log "nginx: measurement failed"
+        break
+    fi
+    # Turns alternate (nginx first in odd rounds, outpost first in even ones), so that a steady
+    # drift of the machine does not favour either.
+    if ((round % 2 == 1)); then
+        measure_nginx "$suffix" && measure_outpost "$suffix"
+    else
+        measure_outpost "$suffix" && measure_nginx "$suffix"
+    fi || {
+        bench_log "round $round: a measurement failed (did a proxy die?); reporting the rounds taken"
+        break
+    }
+    round_ratios+=("$(bench_ratio "$round_outpost_cpu" "$round_nginx_cpu")")
+    round_p99_ratios+=("$(bench_ratio "$round_outpost_p99" "$round_nginx_p99")")
 done
 
 # --- report ------------------------------------------------------------------------------
@@ -192,11 +209,11 @@ median() {
         END { printf "%.2f\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 if ((outpost_ready == 1)); then
-    if ((BENCH_ROUNDS > 1)); then
+    if ((${#round_ratios[@]} > 1)); then
         printf 'outpost/nginx per round  CPU-µs/req: %s   p99: %s\n' "${round_ratios[*]}" "${round_p99_ratios[*]}"
     fi
     printf 'outpost/nginx  CPU-µs/req: %s   p99: %s   (median of %s round(s))\n' \
-        "$(median "${round_ratios[@]}")" "$(median "${round_p99_ratios[@]}")" "$BENCH_ROUNDS"
+        "$(median "${round_ratios[@]}")" "$(median "${round_p99_ratios[@]}")" "${#round_ratios[@]}"
 fi
 echo
 echo "results: ${BENCH_RESULTS_FILE#"$BENCH_REPO_DIR"/}"

@@ -446,11 +446,11 @@ impl Server {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let node = self.node.clone();
-        let peer = conn.peer;
-        // Cancelled by shutdown (the parent), or by the stall watch: then the connection goes.
-        let ended = self.shutdown.child_token();
-        let _ended_on_exit = ended.clone().drop_guard();
-        let stalls = Arc::new(StallWatch::new(send_timeout, ended.clone()));
+        // Ends the stall watch's task with the connection (not with shutdown: stalled streams
+        // are still cut while the node drains).
+        let done = CancellationToken::new();
+        let _done_on_exit = done.clone().drop_guard();
+        let stalls = Arc::new(StallWatch::new(send_timeout, done));
         let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             // Only HTTP/2 answers are watched (HTTP/1 has SendDeadline); nothing extra for HTTP/1.
             let watch = (req.version() == hyper::Version::HTTP_2).then(|| stalls.clone());
@@ -473,37 +473,55 @@ impl Server {
                     tracing::debug!(error = %e, "Connection ended with an error.");
                 }
             }
-            () = ended.cancelled() => {
-                if self.shutdown.is_cancelled() {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                } else {
-                    tracing::debug!(%peer, "HTTP/2 client took no data for send_timeout; connection closed.");
-                }
+            () = self.shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
             }
         }
     }
 }
 
+/// Largest piece of an HTTP/2 answer handed to hyper at once. hyper asks for the next piece
+/// only once the client's window covers the whole previous one; with pieces as large as an
+/// origin read (up to 256 KiB) a client reading slowly but steadily through a 64 KiB window
+/// would look stalled.
+const H2_PIECE: usize = 16 * 1024;
+
 /// Notices HTTP/2 answers the client stopped taking. On HTTP/1 a client that reads nothing
 /// blocks our writes, which [`SendDeadline`] times out; on HTTP/2 the client holds a stream's
 /// flow-control window at zero instead, hyper then simply stops asking the answer's body for
 /// data, and nothing would ever free the origin connection behind it. Each HTTP/2 answer's body
-/// records since when it has had data waiting to be asked for; a task started with the first
-/// such body cancels the connection's token once one has waited `send_timeout`, and the
-/// connection is then closed, as nginx's `send_timeout` does. A slow origin is not a stall: a
-/// body waiting on its origin is not owed.
+/// records since when it has had data waiting to be asked for; a task started with the
+/// connection's first such body drops a body that has waited `send_timeout` (freeing its origin
+/// connection) and the stream is reset when hyper next asks. Only that stream: the others on
+/// the connection go on. A slow origin is not a stall: a body waiting on its origin is not owed.
 pub struct StallWatch {
-    /// Per body: milliseconds after `epoch` since it has been owed a poll; 0 while it is not.
-    /// Dropped bodies leave an entry nobody else holds.
-    bodies: Mutex<Vec<Arc<AtomicU64>>>,
+    /// One entry per watched body; dropped bodies leave an entry nobody else holds.
+    bodies: Mutex<Vec<Arc<Entry>>>,
     registered: tokio::sync::Notify,
     /// Tokio's clock (not std's), so that tests can run it paused.
     epoch: tokio::time::Instant,
     limit: Duration,
-    /// The connection's: cancelled on a stall; its cancellation ends the watching task.
-    connection: CancellationToken,
+    /// Cancelled when the connection ends; ends the watching task.
+    done: CancellationToken,
     started: std::sync::atomic::AtomicBool,
+}
+
+/// A watched body, shared by the body and the watching task.
+struct Entry {
+    /// Milliseconds after the watch's epoch since the body has been owed a poll; 0 while not.
+    owed: AtomicU64,
+    /// The answer's body; taken (dropped) by the watch when it stalled.
+    body: Mutex<Option<ProxyBody>>,
+}
+
+impl Entry {
+    fn body(&self) -> std::sync::MutexGuard<'_, Option<ProxyBody>> {
+        match self.body.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        }
+    }
 }
 
 /// Milliseconds since `epoch`, never 0 (0 means "not owed").
@@ -513,16 +531,28 @@ fn millis_since(epoch: tokio::time::Instant) -> u64 {
         .max(1)
 }
 
+/// Why a stalled HTTP/2 answer ended (hyper resets the stream with it).
+#[derive(Debug, thiserror::Error)]
+#[error("the client took none of this answer for send_timeout")]
+pub struct Stalled;
+
 impl StallWatch {
-    /// A watch for one connection; `connection` is cancelled when a body stalls for `limit`.
-    pub fn new(limit: Duration, connection: CancellationToken) -> StallWatch {
+    /// A watch for one connection; `done` is cancelled when the connection ends.
+    pub fn new(limit: Duration, done: CancellationToken) -> StallWatch {
         StallWatch {
             bodies: Mutex::default(),
             registered: tokio::sync::Notify::new(),
             epoch: tokio::time::Instant::now(),
             limit,
-            connection,
+            done,
             started: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn bodies(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Entry>>> {
+        match self.bodies.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
         }
     }
 
@@ -534,43 +564,41 @@ impl StallWatch {
         } else {
             millis_since(self.epoch)
         };
-        let owed = Arc::new(AtomicU64::new(since));
+        let entry = Arc::new(Entry {
+            owed: AtomicU64::new(since),
+            body: Mutex::new(Some(body)),
+        });
         {
-            let mut bodies = match self.bodies.lock() {
-                Ok(b) => b,
-                Err(p) => p.into_inner(),
-            };
+            let mut bodies = self.bodies();
             bodies.retain(|b| Arc::strong_count(b) > 1);
-            bodies.push(owed.clone());
+            bodies.push(entry.clone());
         }
         self.registered.notify_one();
         if !self.started.swap(true, Ordering::Relaxed) {
             let this = self.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    () = this.connection.cancelled() => {}
-                    () = this.stalled(this.limit) => this.connection.cancel(),
+                    () = this.done.cancelled() => {}
+                    () = this.cut_stalls() => {}
                 }
             });
         }
         http_body_util::BodyExt::boxed_unsync(Watched {
-            inner: body,
-            owed,
+            entry,
+            rest: bytes::Bytes::new(),
             epoch: self.epoch,
         })
     }
 
-    /// Resolves once a watched body has been owed a poll for `limit`. Without watched bodies
-    /// (every HTTP/1 connection) it only waits, with no timer.
-    async fn stalled(&self, limit: Duration) {
-        let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
-        let every = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    /// Drops every watched body that has been owed a poll for `limit`, for as long as the
+    /// connection lasts. Without watched bodies (every HTTP/1 connection) it only waits, with
+    /// no timer.
+    async fn cut_stalls(&self) {
+        let limit_ms = u64::try_from(self.limit.as_millis()).unwrap_or(u64::MAX);
+        let every = (self.limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         loop {
             let watching = {
-                let mut bodies = match self.bodies.lock() {
-                    Ok(b) => b,
-                    Err(p) => p.into_inner(),
-                };
+                let mut bodies = self.bodies();
                 bodies.retain(|b| Arc::strong_count(b) > 1);
                 !bodies.is_empty()
             };
@@ -580,25 +608,42 @@ impl StallWatch {
             }
             tokio::time::sleep(every).await;
             let now = millis_since(self.epoch);
-            let bodies = match self.bodies.lock() {
-                Ok(b) => b,
-                Err(p) => p.into_inner(),
-            };
-            if bodies.iter().any(|b| {
-                let since = b.load(Ordering::Relaxed);
-                Arc::strong_count(b) > 1 && since != 0 && now.saturating_sub(since) >= limit_ms
-            }) {
-                return;
+            let stalled: Vec<Arc<Entry>> = self
+                .bodies()
+                .iter()
+                .filter(|b| {
+                    let since = b.owed.load(Ordering::Relaxed);
+                    Arc::strong_count(b) > 1 && since != 0 && now.saturating_sub(since) >= limit_ms
+                })
+                .cloned()
+                .collect();
+            for entry in stalled {
+                entry.owed.store(0, Ordering::Relaxed);
+                // Dropped here, outside any lock of ours: frees its origin connection now.
+                let body = entry.body().take();
+                drop(body);
+                tracing::debug!(
+                    "HTTP/2 client took none of an answer for send_timeout; stream cut."
+                );
             }
         }
     }
 }
 
-/// An HTTP/2 answer's body, keeping its [`StallWatch`] entry current.
+/// An HTTP/2 answer's body, keeping its [`StallWatch`] entry current and handing data to hyper
+/// in pieces of at most [`H2_PIECE`].
 struct Watched {
-    inner: ProxyBody,
-    owed: Arc<AtomicU64>,
+    entry: Arc<Entry>,
+    /// The part of the last data frame not handed over yet.
+    rest: bytes::Bytes,
     epoch: tokio::time::Instant,
+}
+
+impl Watched {
+    fn piece(&mut self) -> bytes::Bytes {
+        let n = self.rest.len().min(H2_PIECE);
+        self.rest.split_to(n)
+    }
 }
 
 impl http_body::Body for Watched {
@@ -609,23 +654,66 @@ impl http_body::Body for Watched {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        if !this.rest.is_empty() {
+            this.entry
+                .owed
+                .store(millis_since(this.epoch), Ordering::Relaxed);
+            return Poll::Ready(Some(Ok(http_body::Frame::data(this.piece()))));
+        }
+        let mut guard = this.entry.body();
+        let Some(inner) = guard.as_mut() else {
+            return Poll::Ready(Some(Err(Box::new(Stalled))));
+        };
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        let ended = inner.is_end_stream();
+        drop(guard);
+        let polled = match polled {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if data.len() > H2_PIECE => {
+                    this.rest = data;
+                    Poll::Ready(Some(Ok(http_body::Frame::data(this.piece()))))
+                }
+                Ok(data) => Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            other => other,
+        };
         let owed = match &polled {
             // Data handed over: the next ask is up to the client's window.
-            Poll::Ready(Some(Ok(_))) if !self.inner.is_end_stream() => millis_since(self.epoch),
+            Poll::Ready(Some(Ok(_))) if !ended || !this.rest.is_empty() => millis_since(this.epoch),
             // Waiting on the origin, or done.
             _ => 0,
         };
-        self.owed.store(owed, Ordering::Relaxed);
+        this.entry.owed.store(owed, Ordering::Relaxed);
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // A stalled (dropped) body is not at its end: the next ask gets the error that resets
+        // the stream.
+        self.rest.is_empty()
+            && self
+                .entry
+                .body()
+                .as_ref()
+                .is_some_and(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        let rest = self.rest.len() as u64;
+        match self.entry.body().as_ref() {
+            Some(b) => {
+                let inner = b.size_hint();
+                let mut hint = http_body::SizeHint::new();
+                hint.set_lower(inner.lower().saturating_add(rest));
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(rest));
+                }
+                hint
+            }
+            None => http_body::SizeHint::default(),
+        }
     }
 }
 
@@ -634,13 +722,28 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A body that yields one frame, then waits for `more` before ending.
-    fn one_then_wait(more: tokio::sync::oneshot::Receiver<()>) -> ProxyBody {
+    /// Sets its flag when dropped: tells when a body was let go.
+    struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A body that yields one frame, then waits for `more` before ending; `dropped` is set
+    /// when it is dropped.
+    fn one_then_wait(
+        more: tokio::sync::oneshot::Receiver<()>,
+        dropped: Arc<std::sync::atomic::AtomicBool>,
+    ) -> ProxyBody {
         use http_body_util::BodyExt;
         let first = futures_util::stream::once(async {
             Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from_static(b"x")))
         });
+        let flag = DropFlag(dropped);
         let rest = futures_util::stream::once(async move {
+            let _flag = flag;
             let _ = more.await;
             Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from_static(b"y")))
         });
@@ -648,47 +751,164 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_http2_answer_nobody_asks_for_is_a_stall_a_slow_origin_is_not() {
+    async fn an_http2_answer_nobody_asks_for_is_cut_a_slow_origin_is_not() {
         use http_body_util::BodyExt;
         let limit = Duration::from_secs(60);
-
-        // Asked once, handed data, then never asked again (the client's window is shut).
         let watch = Arc::new(StallWatch::new(limit, CancellationToken::new()));
+
+        // Asked once, handed data, then never asked again (the client's window is shut): the
+        // body (and the origin connection behind it) is let go, and the next ask fails.
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (_more, wait) = tokio::sync::oneshot::channel();
-        let mut body = watch.watch(one_then_wait(wait));
-        let first = body.frame().await.expect("frame").expect("data");
+        let mut stalled = watch.watch(one_then_wait(wait, dropped.clone()));
+        let first = stalled.frame().await.expect("frame").expect("data");
         assert_eq!(first.into_data().expect("data"), &b"x"[..]);
-        let started = tokio::time::Instant::now();
-        watch.connection.cancelled().await;
-        let waited = started.elapsed();
-        assert!(
-            waited >= limit && waited <= limit + Duration::from_secs(16),
-            "{waited:?}"
-        );
+        tokio::time::sleep(limit - Duration::from_secs(1)).await;
+        assert!(!dropped.load(Ordering::SeqCst), "cut before send_timeout");
+        tokio::time::sleep(Duration::from_secs(17)).await;
+        assert!(dropped.load(Ordering::SeqCst), "not cut after send_timeout");
+        let next = stalled.frame().await.expect("a frame");
+        assert!(next.is_err(), "the stream must end in an error (a reset)");
 
         // Asked again and waiting on its origin for 10 minutes: not the client's doing.
-        let watch = Arc::new(StallWatch::new(limit, CancellationToken::new()));
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (more, wait) = tokio::sync::oneshot::channel();
-        let mut body = watch.watch(one_then_wait(wait));
+        let mut body = watch.watch(one_then_wait(wait, dropped.clone()));
         body.frame().await.expect("frame").expect("data");
         let pending = futures_util::poll!(body.frame());
         assert!(pending.is_pending(), "the origin has sent nothing more");
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert!(
-            !watch.connection.is_cancelled(),
+            !dropped.load(Ordering::SeqCst),
             "a slow origin was taken for a stalled client"
         );
         more.send(()).expect("origin sends");
         let last = body.frame().await.expect("frame").expect("data");
         assert_eq!(last.into_data().expect("data"), &b"y"[..]);
         assert!(body.frame().await.is_none());
-        drop(body);
-        tokio::time::sleep(Duration::from_secs(600)).await;
-        assert!(
-            !watch.connection.is_cancelled(),
-            "a finished answer is not a stall"
-        );
-        watch.connection.cancel();
+        watch.done.cancel();
+    }
+
+    #[tokio::test]
+    async fn large_frames_go_to_hyper_in_pieces() {
+        use http_body_util::BodyExt;
+        let watch = Arc::new(StallWatch::new(
+            Duration::from_secs(60),
+            CancellationToken::new(),
+        ));
+        let big = bytes::Bytes::from(vec![7u8; 100 * 1024]);
+        let mut body = watch.watch(crate::body::full(big.clone()));
+        assert_eq!(http_body::Body::size_hint(&body).exact(), Some(100 * 1024));
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let data = frame.expect("frame").into_data().expect("data");
+            assert!(data.len() <= H2_PIECE);
+            got.extend_from_slice(&data);
+        }
+        assert_eq!(got, big);
+        assert!(http_body::Body::is_end_stream(&body));
+        watch.done.cancel();
+    }
+
+    /// An h2c server whose answers go through a [`StallWatch`] (`limit`): `/big` is 40 frames
+    /// of 256 KiB ready at once (an origin outpacing its client), anything else an endless
+    /// stream of 16 KiB frames. Returns a hyper h2 client (64 KiB stream windows) to it.
+    async fn h2_pair(
+        limit: Duration,
+    ) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+        use http_body_util::BodyExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let done = CancellationToken::new();
+            let _done = done.clone().drop_guard();
+            let stalls = Arc::new(StallWatch::new(limit, done));
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let body = if req.uri().path() == "/big" {
+                    let frames = (0..40).map(|_| {
+                        Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from(vec![
+                            b'a';
+                            256 * 1024
+                        ])))
+                    });
+                    http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+                        .boxed_unsync()
+                } else {
+                    let frames = futures_util::stream::repeat_with(|| {
+                        Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from(vec![
+                            b's';
+                            16 * 1024
+                        ])))
+                    });
+                    http_body_util::StreamBody::new(frames).boxed_unsync()
+                };
+                let w = stalls.clone();
+                async move { Ok::<_, Infallible>(hyper::Response::new(w.watch(body))) }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(16 << 20)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        sender
+    }
+
+    fn h2_get(path: &str) -> hyper::Request<http_body_util::Empty<bytes::Bytes>> {
+        let mut req = hyper::Request::new(http_body_util::Empty::new());
+        *req.uri_mut() = format!("http://x{path}").parse().expect("uri");
+        req
+    }
+
+    /// Over a real HTTP/2 connection (send_timeout 1 s): a stream whose window the client
+    /// leaves shut is cut, its neighbour taking data at full speed goes on, and a client that
+    /// takes a frame every 100 ms (slow but steady) is not cut.
+    #[tokio::test]
+    async fn on_http2_only_the_stalled_stream_is_cut() {
+        use http_body_util::BodyExt;
+        let mut sender = h2_pair(Duration::from_secs(1)).await;
+        let unread = sender.send_request(h2_get("/big")).await.expect("head");
+        let slow = sender.send_request(h2_get("/big")).await.expect("head");
+        let fast = sender.send_request(h2_get("/stream")).await.expect("head");
+        let (mut slow, mut fast) = (slow.into_body(), fast.into_body());
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut next_slow = tokio::time::Instant::now();
+        while tokio::time::Instant::now() < until {
+            tokio::select! {
+                frame = fast.frame() => {
+                    frame.expect("the fast stream goes on").expect("no error on the fast stream");
+                }
+                () = tokio::time::sleep_until(next_slow) => {
+                    slow.frame()
+                        .await
+                        .expect("the slow stream goes on")
+                        .expect("no error on the slow but steady stream");
+                    next_slow += Duration::from_millis(100);
+                }
+            }
+        }
+        // The unread one was cut: what was buffered arrives, then the reset.
+        let mut unread = unread.into_body();
+        let mut got = 0usize;
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_secs(10), unread.frame()).await {
+                Ok(Some(Ok(f))) => got += f.data_ref().map_or(0, |d| d.len()),
+                Ok(Some(Err(_))) => break true,
+                Ok(None) | Err(_) => break false,
+            }
+        };
+        assert!(ended, "the stalled stream was not cut (took {got} bytes)");
+        assert!(got < 40 * 256 * 1024, "the whole answer arrived");
     }
 
     /// A client that reads nothing: once its buffer is full, writes fail after the limit.

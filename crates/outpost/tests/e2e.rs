@@ -634,9 +634,10 @@ async fn hostile_and_malformed_requests_get_clean_errors() {
         );
     }
 
-    // The same on HTTP/2 (h2c, hyper's client): a client that leaves its stream's window shut
-    // (it never reads the body) is cut off after send_timeout too. On HTTP/2 nothing blocks
-    // our writes; the node notices that the answer has data nobody asks for.
+    // The same on HTTP/2 (h2c, hyper's client): a stream whose window the client leaves shut
+    // (it reads nothing of the body) is cut after send_timeout too, and its origin connection
+    // let go. On HTTP/2 nothing blocks our writes; the node notices that the answer has data
+    // nobody asks for, and resets that stream (only that one).
     let h2 = || async {
         let tcp = tokio::net::TcpStream::connect(node.addr)
             .await
@@ -656,14 +657,31 @@ async fn hostile_and_malformed_requests_get_clean_errors() {
     };
     {
         let (mut sender, driver) = h2().await;
+        const SIZE: usize = 200 << 20;
         let resp = sender
-            .send_request(get(format!("/bytes/{}", 200 << 20)))
+            .send_request(get(format!("/bytes/{SIZE}")))
             .await
             .expect("answer head");
         assert_eq!(resp.status(), 200);
-        let ended = tokio::time::timeout(SECS(20), driver).await;
-        assert!(ended.is_ok(), "the HTTP/2 connection was not closed");
-        drop(resp);
+        tokio::time::sleep(SECS(3)).await;
+        let mut body = resp.into_body();
+        let mut got = 0usize;
+        let reset = loop {
+            match tokio::time::timeout(SECS(20), http_body_util::BodyExt::frame(&mut body)).await {
+                Ok(Some(Ok(f))) => got += f.data_ref().map_or(0, |d| d.len()),
+                Ok(Some(Err(_))) => break true,
+                Ok(None) | Err(_) => break false,
+            }
+        };
+        assert!(reset, "the stalled stream was not cut ({got} bytes)");
+        assert!(got < SIZE, "the whole answer arrived: not cut");
+        // The connection itself is still up for other streams.
+        let resp = sender
+            .send_request(get("/echo/after-stall".into()))
+            .await
+            .expect("another stream on the same connection");
+        assert_eq!(resp.status(), 200);
+        drop(driver);
     }
     // A slow origin is not a stalled client: 2.5 s between two parts, over send_timeout.
     {
