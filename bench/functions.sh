@@ -429,24 +429,8 @@ run_outpost() {
     dead_port=$(bench_free_port)
     admin_url="http://127.0.0.1:$admin_port"
     {
+        bench_outpost_head "$port" "$admin_port" bench-fn-1 "$dir" "$TOKEN"
         cat <<EOF
-version = 1
-
-[node]
-id = "bench-fn-1"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
-data_dir = "$dir"
-
-[[listeners]]
-addr = "127.0.0.1:$port"
-
-[admin]
-addr = "127.0.0.1:$admin_port"
-token = "$TOKEN"
-
-[log]
-access_log = false
 
 [wasm]
 max_instances = 256

@@ -556,22 +556,30 @@ bench_nginx_proxy() {
 EOF
 }
 
-# bench_outpost_head PROXY_PORT ADMIN_PORT: the start of the outpost.toml of the benchmarks that
-# proxy to outpost-bench-origin: node bench-1, one listener, the admin listener, no access log.
+# bench_outpost_head PROXY_PORT ADMIN_PORT [NODE_ID] [DATA_DIR] [ADMIN_TOKEN]: the start of every
+# benchmark's outpost.toml: node NODE_ID (default bench-1, with data_dir DATA_DIR when given), one
+# listener, the admin listener (with ADMIN_TOKEN when given), no access log.
 bench_outpost_head() {
+    local id=${3:-bench-1} data_dir=${4:-} token=${5:-}
     cat <<EOF
 version = 1
 
 [node]
-id = "bench-1"
+id = "$id"
 region = "local"
 location = { lat = 0.0, lon = 0.0 }
+EOF
+    [[ -z $data_dir ]] || echo "data_dir = \"$data_dir\""
+    cat <<EOF
 
 [[listeners]]
 addr = "127.0.0.1:$1"
 
 [admin]
 addr = "127.0.0.1:$2"
+EOF
+    [[ -z $token ]] || echo "token = \"$token\""
+    cat <<EOF
 
 [log]
 access_log = false

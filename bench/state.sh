@@ -416,25 +416,7 @@ run_outpost() {
     admin_port=$(bench_free_port)
     # A single node: no [fleet] (in a fleet every write also appends to the replication log,
     # in the same transaction). No routes: the state API lives on the admin listener.
-    cat >"$config" <<EOF
-version = 1
-
-[node]
-id = "bench-state-1"
-region = "local"
-location = { lat = 0.0, lon = 0.0 }
-data_dir = "$dir"
-
-[[listeners]]
-addr = "127.0.0.1:$port"
-
-[admin]
-addr = "127.0.0.1:$admin_port"
-token = "$TOKEN"
-
-[log]
-access_log = false
-EOF
+    bench_outpost_head "$port" "$admin_port" bench-state-1 "$dir" "$TOKEN" >"$config"
     # Pinned to one core: tokio sizes its worker pool from the affinity mask, so 1 worker; the
     # store's writer thread shares the core.
     OUTPOST_ADMIN_TOKEN="" bench_spawn outpost taskset -c "$BENCH_SERVER_CPU" "$outpost_bin" serve --config "$config"
