@@ -608,24 +608,12 @@ pub fn parse_response(
     let (mut framing, _) = framing(head_request, &mut head)?;
     let mut body = Vec::new();
     loop {
-        match &mut framing {
-            Framing::Done => break,
-            Framing::Length(n) => {
-                if (buf.len() as u64) < *n {
-                    return Err(ExchangeError::ClosedEarly);
-                }
-                body.extend_from_slice(&buf[..*n as usize]);
-                break;
-            }
-            Framing::Close => {
-                body.extend_from_slice(&buf);
-                break;
-            }
-            Framing::Chunked(decoder) => match decoder.decode(&mut buf)? {
-                Step::Data(d) => body.extend_from_slice(&d),
-                Step::End => break,
-                Step::More => return Err(ExchangeError::ClosedEarly),
-            },
+        match framing.next(&mut buf)? {
+            Step::Data(d) => body.extend_from_slice(&d),
+            Step::End => break,
+            // The end of the input is the origin closing: the end of a close-delimited body.
+            Step::More if framing == Framing::Close => break,
+            Step::More => return Err(ExchangeError::ClosedEarly),
         }
     }
     let mut response = Response::new(());
@@ -646,6 +634,37 @@ enum Framing {
     Close,
     /// Nothing remains.
     Done,
+}
+
+impl Framing {
+    /// Takes the next piece of the body off the front of `buf`. A body whose end is known
+    /// (length reached, last chunk and trailers read) becomes `Done` with it.
+    fn next(&mut self, buf: &mut BytesMut) -> Result<Step, ExchangeError> {
+        match self {
+            Framing::Done => Ok(Step::End),
+            Framing::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                *left -= n as u64;
+                let data = buf.split_to(n).freeze();
+                if *left == 0 {
+                    *self = Framing::Done;
+                }
+                Ok(Step::Data(data))
+            }
+            Framing::Chunked(decoder) => {
+                let step = decoder.decode(buf)?;
+                if step == Step::End {
+                    *self = Framing::Done;
+                }
+                Ok(step)
+            }
+            Framing::Close if buf.is_empty() => Ok(Step::More),
+            Framing::Close => Ok(Step::Data(buf.split().freeze())),
+        }
+    }
 }
 
 /// The response body's framing (RFC 9112 §6.3) and whether the connection may carry another
@@ -913,37 +932,18 @@ impl Body for OriginBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            let step = match &mut this.framing {
-                Framing::Done => Step::End,
-                Framing::Length(left) => {
-                    if conn.buf.is_empty() {
-                        Step::More
-                    } else {
-                        let n = usize::try_from(*left)
-                            .unwrap_or(usize::MAX)
-                            .min(conn.buf.len());
-                        *left -= n as u64;
-                        let data = conn.buf.split_to(n).freeze();
-                        if *left == 0 {
-                            this.finish();
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                Framing::Chunked(decoder) => match decoder.decode(&mut conn.buf) {
-                    Ok(step) => step,
-                    Err(e) => return this.fail(e),
-                },
-                Framing::Close => {
-                    if conn.buf.is_empty() {
-                        Step::More
-                    } else {
-                        Step::Data(conn.buf.split().freeze())
-                    }
-                }
+            let step = match this.framing.next(&mut conn.buf) {
+                Ok(step) => step,
+                Err(e) => return this.fail(e),
             };
             match step {
-                Step::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Step::Data(data) => {
+                    // Its last bytes: the connection goes home before hyper asks again.
+                    if this.framing == Framing::Done {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
                 Step::End => {
                     this.finish();
                     return Poll::Ready(None);
