@@ -8,11 +8,13 @@
 //! - [`origin`]: origin groups, nearest-healthy endpoint choice, pools, health, failover.
 //! - [`filters`]: hop-by-hop stripping, forwarded headers, `Via`, `X-Served-By`, `Server-Timing`.
 //! - [`error`]: every failure with its source and HTTP status, as problem+json.
+//! - [`alarm`]: per-connection timers, re-armed lazily (header-read and response timeouts).
 //! - [`body`]: streaming body wrappers (limits, replay for failover, completion hooks).
 //! - [`events`]: `POST /.well-known/outpost/events`, analytics batches into the node's
 //!   analytics store (answered by the node, never forwarded).
 //! - [`node`]: the config snapshot that requests read, swapped atomically on reload.
 
+pub mod alarm;
 pub mod body;
 pub mod context;
 pub mod error;

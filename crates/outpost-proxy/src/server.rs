@@ -373,7 +373,8 @@ impl Server {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
-            .timer(TokioTimer::new())
+            // One lazily re-armed timer for the connection, not one registered per request.
+            .timer(crate::alarm::ConnTimer::default())
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(head_bytes)
             .max_headers(limits.max_headers)

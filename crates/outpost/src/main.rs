@@ -9,6 +9,7 @@
 //! - [`purge`]: `outpost purge`, a client of the running node's admin API.
 
 mod admin;
+mod alloc;
 mod analytics;
 mod fleet;
 mod functions_api;
@@ -25,7 +26,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 /// mimalloc instead of glibc malloc: a proxy allocates small, short-lived buffers on every
 /// request, and this measured a lower CPU cost per request (see bench/README.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::MiMalloc = alloc::MiMalloc;
 use outpost_config::{Config, ConfigError};
 
 /// Outpost edge node: proxies, routes and guards requests in front of origin APIs.

@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::pool::H1Pool;
+use crate::alarm::Alarm;
 use crate::body::{BoxError, ProxyBody};
 
 /// Longest response head taken from an origin (nginx's `proxy_buffer_size` is 4–8 KiB).
@@ -51,6 +52,9 @@ pub enum ExchangeError {
     /// The origin closed the connection before a response head.
     #[error("the origin closed the connection before answering")]
     ClosedBeforeAnswer,
+    /// No response head before the exchange's deadline (the route's timeout).
+    #[error("the origin sent no response head in time")]
+    TimedOut,
     /// The origin closed the connection in the middle of its response.
     #[error("the origin closed the connection in the middle of its response")]
     ClosedEarly,
@@ -163,6 +167,9 @@ pub struct Conn {
     read_size: usize,
     /// When it last went idle.
     pub since: Instant,
+    /// The response timeout of the exchange that holds the connection, one timer for all of
+    /// them (`crate::alarm`).
+    alarm: Alarm,
 }
 
 impl Conn {
@@ -173,6 +180,7 @@ impl Conn {
             buf: BytesMut::new(),
             read_size: READ_MIN,
             since: Instant::now(),
+            alarm: Alarm::default(),
         }
     }
 
@@ -233,14 +241,27 @@ pub async fn exchange(
     head: &request::Parts,
     body: ProxyBody,
     home: &Arc<H1Pool>,
+    deadline: tokio::time::Instant,
 ) -> Result<Response<ProxyBody>, Failure> {
     let mut out = Outgoing::new(head, body);
     let mut received = false;
     let result =
-        std::future::poll_fn(|cx| poll_exchange(&mut conn, &mut out, cx, &mut received)).await;
+        std::future::poll_fn(
+            |cx| match poll_exchange(&mut conn, &mut out, cx, &mut received) {
+                Poll::Pending => conn
+                    .alarm
+                    .poll_until(deadline, cx)
+                    .map(|()| Err(ExchangeError::TimedOut)),
+                done => done,
+            },
+        )
+        .await;
     let failure = |error: ExchangeError, out: Outgoing| {
-        let retryable =
-            !received && !out.body_touched && (out.sent == 0 || head.method.is_idempotent());
+        // Past the deadline, another try would be too.
+        let retryable = !received
+            && !out.body_touched
+            && (out.sent == 0 || head.method.is_idempotent())
+            && !matches!(error, ExchangeError::TimedOut);
         Failure {
             error,
             retry: retryable.then_some(out.body),
@@ -314,7 +335,16 @@ impl Outgoing {
             .uri
             .path_and_query()
             .map_or("/", http::uri::PathAndQuery::as_str);
-        let mut buf = BytesMut::with_capacity(256 + path.len());
+        // The whole head in one allocation: request line, fields, and room for the framing
+        // field and the blank line (a guess that was too small cost a second allocation and a
+        // copy on most requests).
+        let fields: usize = head
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        let mut buf =
+            BytesMut::with_capacity(64 + head.method.as_str().len() + path.len() + fields);
         buf.extend_from_slice(head.method.as_str().as_bytes());
         buf.extend_from_slice(b" ");
         buf.extend_from_slice(path.as_bytes());
@@ -1111,6 +1141,11 @@ mod tests {
         )
     }
 
+    /// A deadline no test reaches.
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(3600)
+    }
+
     fn request(method: Method, body: ProxyBody) -> Request<ProxyBody> {
         let mut req = Request::new(body);
         *req.method_mut() = method;
@@ -1135,7 +1170,7 @@ mod tests {
     ) -> Response<ProxyBody> {
         tokio::time::timeout(
             Duration::from_secs(secs),
-            pool.send(request(Method::POST, upload)),
+            pool.send(request(Method::POST, upload), far()),
         )
         .await
         .expect(what)
@@ -1147,7 +1182,7 @@ mod tests {
         pool: &Arc<H1Pool>,
         method: Method,
     ) -> Result<Response<ProxyBody>, PoolError> {
-        pool.send(request(method, body::empty())).await
+        pool.send(request(method, body::empty()), far()).await
     }
 
     /// Sends a request without a body and reads the whole answer as text; `what` names the
@@ -1155,6 +1190,78 @@ mod tests {
     async fn answer(pool: &Arc<H1Pool>, method: Method, what: &str) -> String {
         let resp = bodiless(pool, method).await.expect(what);
         text(resp).await.expect(what)
+    }
+
+    /// The deadline: an origin that never answers is given up on at it, and the request is
+    /// not tried again (a second try would be past it too). On a kept-alive connection each
+    /// exchange has its own deadline: the second one, answered after the first one's deadline
+    /// has passed, is not cut by it.
+    #[tokio::test]
+    async fn each_exchange_is_held_to_its_own_deadline() {
+        let (addr, accepted) = origin(|n, mut sock| async move {
+            let mut pending = Vec::new();
+            if n == 0 {
+                // Connection 0: takes the request, never answers.
+                let _ = read_request(&mut sock, &mut pending).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                return;
+            }
+            // Connection 1: the first answer at once, the second after 600 ms.
+            let mut served = 0;
+            while read_request(&mut sock, &mut pending).await.is_some() {
+                if served == 1 {
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                }
+                served += 1;
+                let _ = sock.write_all(&ok_with(b"on time")).await;
+            }
+        })
+        .await;
+        let pool = pool(addr);
+        let started = tokio::time::Instant::now();
+        let deadline = started + Duration::from_millis(300);
+        let got = pool
+            .send(request(Method::GET, body::empty()), deadline)
+            .await;
+        assert!(
+            matches!(got, Err(PoolError::Exchange(ExchangeError::TimedOut))),
+            "{got:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "given up on at the deadline"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "not tried again");
+        assert!(
+            pool.idle_for_test().is_empty(),
+            "a timed-out connection is not kept"
+        );
+
+        // Connection 1: first exchange well within its 400 ms.
+        let quick = tokio::time::Instant::now() + Duration::from_millis(400);
+        let resp = pool
+            .send(request(Method::GET, body::empty()), quick)
+            .await
+            .expect("first exchange");
+        assert_eq!(text(resp).await.expect("body"), "on time");
+        assert_eq!(pool.idle_for_test().len(), 1);
+        // Past that deadline, the same connection's next exchange waits 600 ms for its head
+        // under a 5 s deadline.
+        tokio::time::sleep_until(quick + Duration::from_millis(100)).await;
+        let resp = pool
+            .send(
+                request(Method::GET, body::empty()),
+                tokio::time::Instant::now() + Duration::from_secs(5),
+            )
+            .await
+            .expect("second exchange, answered after the first one's deadline");
+        assert_eq!(text(resp).await.expect("body"), "on time");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the connection was reused"
+        );
     }
 
     #[tokio::test]
@@ -1182,7 +1289,7 @@ mod tests {
         let pool = pool(addr);
         for n in 1..=3 {
             let resp = pool
-                .send(request(Method::GET, body::empty()))
+                .send(request(Method::GET, body::empty()), far())
                 .await
                 .expect("send");
             assert_eq!(resp.status(), StatusCode::OK);
@@ -1416,7 +1523,7 @@ mod tests {
         .await;
         let pool = pool(addr);
         let resp = pool
-            .send(request(Method::PUT, body::full("known")))
+            .send(request(Method::PUT, body::full("known")), far())
             .await
             .expect("put");
         assert_eq!(text(resp).await.expect("body"), "length:known");
@@ -1437,7 +1544,7 @@ mod tests {
             }
         });
         let resp = pool
-            .send(request(Method::POST, streamed))
+            .send(request(Method::POST, streamed), far())
             .await
             .expect("stream");
         assert_eq!(text(resp).await.expect("body"), "chunked:one two three");
@@ -1519,7 +1626,7 @@ mod tests {
             .await
             .expect("first piece");
         let resp = pool
-            .send(request(Method::POST, upload))
+            .send(request(Method::POST, upload), far())
             .await
             .expect("answer head");
         let mut body = resp.into_body();
@@ -1595,7 +1702,7 @@ mod tests {
             )));
             let resp = tokio::time::timeout(
                 Duration::from_secs(5),
-                pool.send(request(Method::POST, upload)),
+                pool.send(request(Method::POST, upload), far()),
             )
             .await
             .unwrap_or_else(|_| panic!("{case}: the upload stalled"))
@@ -1836,7 +1943,7 @@ mod tests {
         );
         // A burst: three exchanges at once, three connections, all idle afterwards.
         let burst = futures_util::future::join_all(
-            (0..3).map(|_| pool.send(request(Method::GET, body::empty()))),
+            (0..3).map(|_| pool.send(request(Method::GET, body::empty()), far())),
         )
         .await;
         for resp in burst {
@@ -1848,7 +1955,7 @@ mod tests {
         let until = Instant::now() + Duration::from_millis(400);
         while Instant::now() < until {
             let resp = pool
-                .send(request(Method::GET, body::empty()))
+                .send(request(Method::GET, body::empty()), far())
                 .await
                 .expect("send");
             assert_eq!(text(resp).await.expect("body"), "ok");

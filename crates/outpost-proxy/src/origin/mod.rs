@@ -29,6 +29,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::body::{BodyState, BoxError, ProxyBody};
 use crate::geo::distance_km;
+use h1::ExchangeError;
 use pool::{H1Pool, PoolError};
 
 /// How requests reach an endpoint.
@@ -269,43 +270,44 @@ impl Endpoint {
         passive: &Passive,
         client_body: Option<&BodyState>,
     ) -> Result<(Response<ProxyBody>, f64), AttemptError> {
-        let started = Instant::now();
-        let result = tokio::time::timeout(timeout, self.exchange(req)).await;
+        // tokio's clock: the deadline is a tokio timer's (and moves with a paused test clock).
+        let started = tokio::time::Instant::now();
+        let result = self.exchange(req, started + timeout).await;
         let secs = started.elapsed().as_secs_f64();
         if let Some(body) = client_body {
             match &result {
-                Ok(Err(AttemptError::Broken(_))) if body.client_broke_it() => {
+                Err(AttemptError::Broken(_)) if body.client_broke_it() => {
                     return Err(AttemptError::ClientBody);
                 }
-                Err(_) if body.client_is_late() => return Err(AttemptError::ClientBodyTimeout),
+                Err(AttemptError::Timeout) if body.client_is_late() => {
+                    return Err(AttemptError::ClientBodyTimeout);
+                }
                 _ => {}
             }
         }
         let outcome = match &result {
-            Ok(Ok(resp)) => {
+            Ok(resp) => {
                 let failed = matches!(resp.status().as_u16(), 502..=504);
                 self.passive_result(!failed, passive);
                 OriginOutcome::Response
             }
-            Ok(Err(AttemptError::Connect(_))) => OriginOutcome::ConnectError,
-            Ok(Err(_)) => OriginOutcome::Error,
-            Err(_) => OriginOutcome::Timeout,
+            Err(AttemptError::Connect(_)) => OriginOutcome::ConnectError,
+            Err(AttemptError::Timeout) => OriginOutcome::Timeout,
+            Err(_) => OriginOutcome::Error,
         };
         self.metrics.record(outcome, secs);
         if outcome != OriginOutcome::Response {
             self.passive_result(false, passive);
         }
-        match result {
-            Ok(r) => r.map(|resp| (resp, secs)),
-            Err(_) => Err(AttemptError::Timeout),
-        }
+        result.map(|resp| (resp, secs))
     }
 
-    /// One request/response exchange over the endpoint's transport, without timeout or
-    /// bookkeeping (health checks use it too).
+    /// One request/response exchange over the endpoint's transport: a response head by
+    /// `deadline` or [`AttemptError::Timeout`], without bookkeeping (health checks use it too).
     pub async fn exchange(
         &self,
         mut req: Request<ProxyBody>,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<ProxyBody>, AttemptError> {
         match &self.transport {
             Transport::H1(pool) => {
@@ -315,21 +317,25 @@ impl Endpoint {
                 {
                     req.headers_mut().insert(header::HOST, v);
                 }
-                pool.send(req).await.map_err(|e| match e {
+                pool.send(req, deadline).await.map_err(|e| match e {
                     PoolError::Connect { .. } => AttemptError::Connect(Box::new(e)),
+                    PoolError::Exchange(ExchangeError::TimedOut) => AttemptError::Timeout,
                     PoolError::Exchange(_) => AttemptError::Broken(Box::new(e)),
                 })
             }
-            Transport::H2(client) => match client.request(req).await {
-                Ok(resp) => Ok(resp.map(|b| {
-                    http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
-                        b,
-                        |e| -> BoxError { Box::new(e) },
-                    ))
-                })),
-                Err(e) if e.is_connect() => Err(AttemptError::Connect(Box::new(e))),
-                Err(e) => Err(AttemptError::Broken(Box::new(e))),
-            },
+            Transport::H2(client) => {
+                match tokio::time::timeout_at(deadline, client.request(req)).await {
+                    Err(_) => Err(AttemptError::Timeout),
+                    Ok(Ok(resp)) => Ok(resp.map(|b| {
+                        http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                            b,
+                            |e| -> BoxError { Box::new(e) },
+                        ))
+                    })),
+                    Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(Box::new(e))),
+                    Ok(Err(e)) => Err(AttemptError::Broken(Box::new(e))),
+                }
+            }
         }
     }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 use http::uri::Authority;
 use http::{Request, Response};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::h1::{self, Conn, ExchangeError, Stream};
 use crate::body::ProxyBody;
@@ -87,13 +88,14 @@ impl H1Pool {
     pub async fn send(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
+        deadline: Instant,
     ) -> Result<Response<ProxyBody>, PoolError> {
         let (head, body) = req.into_parts();
         let (conn, reused) = match self.take_idle() {
             Some(c) => (c, true),
-            None => (self.connect().await?, false),
+            None => (self.connect_by(deadline).await?, false),
         };
-        match h1::exchange(conn, &head, body, self).await {
+        match h1::exchange(conn, &head, body, self, deadline).await {
             Ok(resp) => Ok(resp),
             // A reused connection the origin had just closed: the request can go once more.
             Err(h1::Failure {
@@ -101,8 +103,8 @@ impl H1Pool {
                 retry: Some(body),
             }) if reused => {
                 tracing::debug!(endpoint = %self.authority, error = %error, "Reused origin connection failed; retrying on a fresh one.");
-                let fresh = self.connect().await?;
-                h1::exchange(fresh, &head, body, self)
+                let fresh = self.connect_by(deadline).await?;
+                h1::exchange(fresh, &head, body, self, deadline)
                     .await
                     .map_err(|f| PoolError::Exchange(f.error))
             }
@@ -150,6 +152,14 @@ impl H1Pool {
         if list.len() < self.max_idle {
             list.push(conn);
         }
+    }
+
+    /// [`Self::connect`], within the exchange's deadline too (a connect timeout longer than
+    /// the route's timeout does not stretch it).
+    async fn connect_by(&self, deadline: Instant) -> Result<Conn, PoolError> {
+        tokio::time::timeout_at(deadline, self.connect())
+            .await
+            .unwrap_or(Err(PoolError::Exchange(ExchangeError::TimedOut)))
     }
 
     async fn connect(&self) -> Result<Conn, PoolError> {
