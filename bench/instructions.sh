@@ -17,15 +17,16 @@
 # Both servers run pinned to one core (BENCH_SERVER_CPU), as in proxy.sh: outpost sizes its
 # runtime from the cores it may use, so pinned it runs the single-threaded scheduler there too.
 #
-# With BENCH_CONNECTIONS above 1, the load is wrk's instead (-t1 -cN, pinned to
-# BENCH_CLIENT_CPU): 2 s of warm-up, then BENCH_LOAD_SECONDS measured, divided by the requests
-# wrk completed. That is proxy.sh's load: with many connections ready at once, each wake-up of
+# With BENCH_LOAD=wrk, the load is wrk's instead (-t1 -c$BENCH_CONNECTIONS, default 32, pinned
+# to BENCH_CLIENT_CPU): 2 s of warm-up, then BENCH_LOAD_SECONDS measured, divided by the
+# requests wrk completed. That is proxy.sh's load: with many connections ready at once, each wake-up of
 # a server (epoll, scheduler, timer wheel) is shared by several requests, so the figure is
 # lower than on one connection, for both servers.
 #
 # Settings (environment): BENCH_REQUESTS (default 3000), BENCH_WARMUP_REQUESTS (500),
 # BENCH_OUTPOST_BIN (an outpost binary instead of building one), BENCH_BODY_BYTES (1024),
-# BENCH_SERVER_CPU (0), BENCH_CONNECTIONS (1), BENCH_LOAD_SECONDS (10), BENCH_CLIENT_CPU (1).
+# BENCH_SERVER_CPU (0), BENCH_LOAD (curl, or wrk), and for wrk BENCH_CONNECTIONS (32),
+# BENCH_LOAD_SECONDS (10), BENCH_CLIENT_CPU (1).
 set -euo pipefail
 
 # shellcheck source=bench/lib.sh
@@ -34,16 +35,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${BENCH_REQUESTS:=3000}"
 : "${BENCH_WARMUP_REQUESTS:=500}"
 : "${BENCH_BODY_BYTES:=1024}"
-: "${BENCH_CONNECTIONS:=1}"
+: "${BENCH_LOAD:=curl}"
 : "${BENCH_LOAD_SECONDS:=10}"
-: "${BENCH_CLIENT_CPU:=1}"
-[[ $BENCH_CONNECTIONS =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_CONNECTIONS must be a positive integer" >&2; exit 2; }
+[[ $BENCH_LOAD == curl || $BENCH_LOAD == wrk ]] || { echo "BENCH_LOAD must be curl or wrk" >&2; exit 2; }
 [[ $BENCH_LOAD_SECONDS =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_LOAD_SECONDS must be a positive integer" >&2; exit 2; }
 : "${BENCH_SERVER_CPU:=0}"
 
 bench_init instructions
 bench_require_tools nginx curl valgrind callgrind_control ss awk taskset
-((BENCH_CONNECTIONS == 1)) || bench_require_tools wrk
+[[ $BENCH_LOAD == curl ]] || bench_require_tools wrk
 
 target_dir=${CARGO_TARGET_DIR:-$BENCH_REPO_DIR/target}
 [[ $target_dir == /* ]] || target_dir=$BENCH_REPO_DIR/$target_dir
@@ -62,14 +62,14 @@ bench_wait_http "http://127.0.0.1:$origin_port/" 10 "$BENCH_LAST_PID" || bench_d
 count() {
     local name=$1 pid=$2 url=$3 out before after got wrk_out
     local wrk=(taskset -c "$BENCH_CLIENT_CPU" wrk -t1 -c"$BENCH_CONNECTIONS")
-    if ((BENCH_CONNECTIONS == 1)); then
+    if [[ $BENCH_LOAD == curl ]]; then
         curl -s --noproxy '*' -o /dev/null "${url}warm[1-$BENCH_WARMUP_REQUESTS]"
     else
         "${wrk[@]}" -d2s "$url" >/dev/null
     fi
     callgrind_control -z "$pid" >/dev/null 2>&1
     before=$(ls "$BENCH_TMP/$name".cg.* 2>/dev/null | wc -l)
-    if ((BENCH_CONNECTIONS == 1)); then
+    if [[ $BENCH_LOAD == curl ]]; then
         got=$(curl -s --noproxy '*' -o /dev/null -w '%{http_code}\n' "${url}m[1-$BENCH_REQUESTS]" | grep -c '^200$' || true)
         ((got == BENCH_REQUESTS)) || bench_die "$name answered $got of $BENCH_REQUESTS requests with 200"
     else
@@ -124,7 +124,7 @@ bench_wait_http "http://127.0.0.1:$admin_port/readyz" 120 "$outpost_pid" ||
 outpost_ins=$(count outpost "$outpost_pid" "http://127.0.0.1:$proxy_port/")
 bench_stop "$outpost_pid"
 
-if ((BENCH_CONNECTIONS == 1)); then
+if [[ $BENCH_LOAD == curl ]]; then
     load="$BENCH_REQUESTS requests on one connection"
 else
     load="wrk -c$BENCH_CONNECTIONS for ${BENCH_LOAD_SECONDS}s"
@@ -133,5 +133,5 @@ printf '\nuser-space instructions per request (callgrind), %s, %s-byte body\n\n'
 printf '%-10s %12s\n' target instructions nginx "$nginx_ins" outpost "$outpost_ins"
 printf '\noutpost/nginx  instructions: %s\n' "$(awk -v a="$outpost_ins" -v b="$nginx_ins" 'BEGIN { printf "%.2f", a / b }')"
 printf '{"bench":"instructions","git":"%s","connections":%s,"requests":%s,"body_bytes":%s,"nginx":%s,"outpost":%s}\n' \
-    "$(bench_git_rev)" "$BENCH_CONNECTIONS" "$( ((BENCH_CONNECTIONS == 1)) && echo "$BENCH_REQUESTS" || echo null)" "$BENCH_BODY_BYTES" "$nginx_ins" "$outpost_ins" >>"$BENCH_RESULTS_FILE"
+    "$(bench_git_rev)" "$( [[ $BENCH_LOAD == curl ]] && echo 1 || echo "$BENCH_CONNECTIONS")" "$( [[ $BENCH_LOAD == curl ]] && echo "$BENCH_REQUESTS" || echo null)" "$BENCH_BODY_BYTES" "$nginx_ins" "$outpost_ins" >>"$BENCH_RESULTS_FILE"
 printf 'results: %s\n' "${BENCH_RESULTS_FILE#"$BENCH_REPO_DIR"/}"

@@ -53,16 +53,28 @@ impl Alarm {
     }
 }
 
+/// `start + timeout`, or a date decades away for a timeout too large to add (a configured
+/// `"300000000000y"` parses, and `+` would panic on every request).
+pub fn deadline_after(start: Instant, timeout: std::time::Duration) -> Instant {
+    start
+        .checked_add(timeout)
+        .unwrap_or_else(|| start + std::time::Duration::from_secs(86_400 * 365 * 30))
+}
+
 /// hyper's timer for one HTTP/1 client connection: every sleep it asks for shares the
 /// connection's [`Alarm`]. hyper asks for one per request (the header-read timeout).
-#[derive(Clone, Debug, Default)]
+///
+/// One per connection, never shared: an alarm wakes only the task that polled it last, so
+/// connections sharing a timer (a builder reused across connections, say) would leave all but
+/// one without their timeouts. Hence no `Clone`.
+#[derive(Debug, Default)]
 pub struct ConnTimer {
     alarm: Arc<Mutex<Alarm>>,
 }
 
 impl hyper::rt::Timer for ConnTimer {
     fn sleep(&self, duration: std::time::Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(self.now() + duration)
+        self.sleep_until(deadline_after(Instant::now(), duration).into_std())
     }
 
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
@@ -72,6 +84,8 @@ impl hyper::rt::Timer for ConnTimer {
         })
     }
 
+    /// Records the new deadline; the alarm follows at the sleep's next poll (hyper polls right
+    /// after a reset).
     fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: std::time::Instant) {
         match sleep.as_mut().downcast_mut_pin::<ConnSleep>() {
             Some(mine) => mine.get_mut().deadline = Instant::from_std(new_deadline),
@@ -162,6 +176,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_waiting_task_is_woken() {
         let t0 = Instant::now();
+        assert_eq!(
+            deadline_after(t0, Duration::from_secs(2)),
+            t0 + Duration::from_secs(2)
+        );
+        assert!(deadline_after(t0, Duration::MAX) > t0 + Duration::from_secs(86_400 * 365));
         let mut alarm = Alarm::default();
         // An early deadline, abandoned (a request that finished in time).
         assert!(poll_at(&mut alarm, t0 + Duration::from_millis(100)).is_pending());

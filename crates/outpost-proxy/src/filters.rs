@@ -31,7 +31,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes hop-by-hop fields and every field for which `extra` is true, in one pass over the
 /// map (a request carries a handful of fields; a pass is cheaper than a lookup per name).
-fn strip_matching(headers: &mut HeaderMap, extra: impl Fn(&HeaderName) -> bool) {
+fn strip_matching(headers: &mut HeaderMap, mut extra: impl FnMut(&HeaderName) -> bool) {
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         if name == header::CONNECTION {
@@ -84,20 +84,21 @@ pub fn request_headers(
     info: &ForwardInfo<'_>,
     locator: &Locator,
 ) {
-    strip_request(headers, ctx, locator, &[]);
-    add_forwarding(headers, ctx, info);
+    let present = strip_request(headers, ctx, locator, &[]);
+    add_forwarding(headers, ctx, info, present);
 }
 
 /// Removes what must never travel on or influence anything: hop-by-hop fields, internal
 /// `x-outpost-*` headers and, from untrusted peers, location and forwarding headers. The cache
 /// stage sees requests in this state.
 /// `internal` lists the operator's extra internal headers (`[server] internal_headers`).
+/// Returns which of the fields the node sets on the way out the request still carries.
 pub fn strip_request(
     headers: &mut HeaderMap,
     ctx: &RequestContext,
     locator: &Locator,
     internal: &[HeaderName],
-) {
+) -> Present {
     let untrusted = !ctx.peer_trusted;
     let location = locator.location_headers();
     let forwarded = [
@@ -111,10 +112,16 @@ pub fn strip_request(
             || internal.contains(name)
             || (untrusted && (location.contains(&name) || forwarded.contains(name)))
     };
+    let mut present = Present(0);
     strip_matching(headers, |name| {
-        stripped(name)
-            || underscore_twin(name).is_some_and(|twin| stripped(&twin) || set_here(&twin))
+        let strip = stripped(name)
+            || underscore_twin(name).is_some_and(|twin| stripped(&twin) || set_here(&twin));
+        if !strip {
+            present.note(name);
+        }
+        strip
     });
+    present
 }
 
 /// `x_forwarded_for` for `x-forwarded-for`: CGI and WSGI servers (and some frameworks) map both
@@ -140,56 +147,143 @@ fn set_here(name: &HeaderName) -> bool {
     .contains(name)
 }
 
+/// Which of the fields [`forwarding_fields`] sets a request may carry already. [`strip_request`]
+/// notes them in its pass over the headers, so that a request carrying none of them (nearly
+/// all) costs no lookup for them; a name noted may have been removed since, never the reverse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Present(u8);
+
+impl Present {
+    const FOR: u8 = 1;
+    const PROTO: u8 = 2;
+    const HOST: u8 = 4;
+    const PREFIX: u8 = 8;
+    const REQUEST_ID: u8 = 16;
+    const TRACEPARENT: u8 = 32;
+
+    /// Nothing known: every field is looked up (headers that did not come through
+    /// [`strip_request`]).
+    pub const UNKNOWN: Present = Present(u8::MAX);
+
+    fn note(&mut self, name: &HeaderName) {
+        let s = name.as_str();
+        if !s.starts_with(['x', 't']) {
+            return;
+        }
+        self.0 |= match s {
+            "x-forwarded-for" => Self::FOR,
+            "x-forwarded-proto" => Self::PROTO,
+            "x-forwarded-host" => Self::HOST,
+            "x-forwarded-prefix" => Self::PREFIX,
+            "x-request-id" => Self::REQUEST_ID,
+            "traceparent" => Self::TRACEPARENT,
+            _ => 0,
+        };
+    }
+
+    fn has(self, field: u8) -> bool {
+        self.0 & field != 0
+    }
+}
+
 /// Adds what the origin learns about the hop: `X-Forwarded-*`, `Host` for HTTP/2 clients,
 /// `Via`, `X-Request-Id` and `traceparent`. Runs only for requests that go to an origin.
-pub fn add_forwarding(headers: &mut HeaderMap, ctx: &RequestContext, info: &ForwardInfo<'_>) {
-    // One growth for the fields added below, instead of a rehash at each threshold crossed.
-    headers.reserve(8);
+/// `present` is what [`strip_request`] found in these headers.
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    ctx: &RequestContext,
+    info: &ForwardInfo<'_>,
+    present: Present,
+) {
+    let fields = forwarding_fields(headers, ctx, info, present);
+    // One growth for the fields added, instead of a rehash at each threshold crossed.
+    headers.reserve(fields.len());
+    for (name, value) in fields {
+        headers.append(name, value);
+    }
+}
+
+/// The fields [`add_forwarding`] adds, with what they replace already taken out of `headers`:
+/// appended to `headers` after these, in order, they make the request the origin must see.
+/// Only `Via` may also be among `headers` (ours is the list's last entry). The
+/// HTTP/1.1 origin client writes them straight into the request head instead, which spares a
+/// header-map insertion (hash, probe, bucket) per field on every proxied request.
+pub fn forwarding_fields(
+    headers: &mut HeaderMap,
+    ctx: &RequestContext,
+    info: &ForwardInfo<'_>,
+    present: Present,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut fields = Vec::with_capacity(8);
     // X-Forwarded-For: a trusted proxy's chain is extended, anyone else's is replaced.
-    let prior: Vec<&str> = if ctx.peer_trusted {
-        headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect()
+    let mut chain = String::new();
+    if present.has(Present::FOR) {
+        if ctx.peer_trusted {
+            for v in headers.get_all(&X_FORWARDED_FOR) {
+                if let Ok(s) = v.to_str() {
+                    if !chain.is_empty() {
+                        chain.push_str(", ");
+                    }
+                    chain.push_str(s);
+                }
+            }
+        }
+        headers.remove(&X_FORWARDED_FOR);
+    }
+    let forwarded_for = if chain.is_empty() {
+        info.peer_ip.clone()
     } else {
-        Vec::new()
+        chain.push_str(", ");
+        chain.push_str(info.peer_ip.to_str().unwrap_or(""));
+        HeaderValue::from_str(&chain).unwrap_or_else(|_| info.peer_ip.clone())
     };
-    if prior.is_empty() {
-        headers.insert(X_FORWARDED_FOR, info.peer_ip.clone());
-    } else {
-        let chain = format!(
-            "{}, {}",
-            prior.join(", "),
-            info.peer_ip.to_str().unwrap_or("")
-        );
-        set(headers, X_FORWARDED_FOR, &chain);
+    fields.push((X_FORWARDED_FOR, forwarded_for));
+    // Proto and host: what a trusted proxy said stands.
+    if !(present.has(Present::PROTO) && headers.contains_key(&X_FORWARDED_PROTO)) {
+        fields.push((
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(info.scheme.as_str()),
+        ));
     }
-    // One lookup each (`entry`), not a lookup and then an insert.
-    headers
-        .entry(X_FORWARDED_PROTO)
-        .or_insert_with(|| HeaderValue::from_static(info.scheme.as_str()));
     if let Some(host) = info.host {
-        headers
-            .entry(X_FORWARDED_HOST)
-            .or_insert_with(|| host.clone());
+        if !(present.has(Present::HOST) && headers.contains_key(&X_FORWARDED_HOST)) {
+            fields.push((X_FORWARDED_HOST, host.clone()));
+        }
         // HTTP/2 clients send :authority instead of Host; the origin needs a Host.
-        headers.entry(header::HOST).or_insert_with(|| host.clone());
-    }
-    if let Some(prefix) = info.stripped_prefix {
-        let prior = headers
-            .get(&X_FORWARDED_PREFIX)
-            .and_then(|v| v.to_str().ok())
-            .map(|p| p.trim_end_matches('/').to_owned());
-        let prefix = prefix.trim_end_matches('/');
-        match prior {
-            Some(p) => set(headers, X_FORWARDED_PREFIX, &format!("{p}{prefix}")),
-            None => set(headers, X_FORWARDED_PREFIX, prefix),
+        if !headers.contains_key(header::HOST) {
+            fields.push((header::HOST, host.clone()));
         }
     }
-    headers.append(header::VIA, info.via.clone());
-    headers.insert(X_REQUEST_ID, ctx.request_id.header());
-    headers.insert(TRACEPARENT, ctx.trace.header_value());
+    if let Some(prefix) = info.stripped_prefix {
+        let prefix = prefix.trim_end_matches('/');
+        let prior = present
+            .has(Present::PREFIX)
+            .then(|| headers.get(&X_FORWARDED_PREFIX))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .map(|p| p.trim_end_matches('/').to_owned());
+        let value = match prior {
+            Some(p) => HeaderValue::from_str(&format!("{p}{prefix}")),
+            None => HeaderValue::from_str(prefix),
+        };
+        // An unusable prefix leaves what was there.
+        if let Ok(v) = value {
+            if present.has(Present::PREFIX) {
+                headers.remove(&X_FORWARDED_PREFIX);
+            }
+            fields.push((X_FORWARDED_PREFIX, v));
+        }
+    }
+    fields.push((header::VIA, info.via.clone()));
+    if present.has(Present::REQUEST_ID) {
+        headers.remove(&X_REQUEST_ID);
+    }
+    fields.push((X_REQUEST_ID, ctx.request_id.header()));
+    if present.has(Present::TRACEPARENT) {
+        headers.remove(&TRACEPARENT);
+    }
+    fields.push((TRACEPARENT, ctx.trace.header_value()));
+    fields
 }
 
 /// Headers only this node may set; a client must never be able to fake them.
@@ -284,12 +378,6 @@ impl<const N: usize> Text<N> {
 
     fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
-    }
-}
-
-fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        headers.insert(name, v);
     }
 }
 
@@ -403,6 +491,104 @@ mod tests {
         assert_eq!(h["via"], "1.1 edge");
         assert_eq!(h["x-request-id"], ctx.request_id.as_str());
         assert!(h["traceparent"].to_str().expect("ascii").starts_with("00-"));
+    }
+
+    /// The three ways to the same request: fields added to the map with what the strip pass
+    /// found, added with nothing known (every field looked up), or returned for the origin
+    /// client to write after the map's. Each field once, with the same values in the same
+    /// order, for clients that send none of the managed fields, all of them, twice, or name
+    /// them in `Connection`; from trusted and untrusted peers; over HTTP/1 and HTTP/2.
+    #[test]
+    fn forwarding_fields_match_whichever_way_they_are_added() {
+        type Fields<'a> = &'a [(&'static str, &'static str)];
+        let sent: [Fields; 6] = [
+            &[("host", "shop.test"), ("accept", "*/*")],
+            &[
+                ("host", "shop.test"),
+                ("x-forwarded-for", "1.2.3.4"),
+                ("x-forwarded-for", "5.6.7.8"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "front.test"),
+                ("x-forwarded-prefix", "/outer/"),
+                ("x-request-id", "client-id"),
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+                ("via", "1.1 upstream"),
+            ],
+            &[
+                ("connection", "x-request-id, traceparent"),
+                ("x-request-id", "a"),
+                ("traceparent", "b"),
+                ("host", "shop.test"),
+            ],
+            // HTTP/2: no Host field (`:authority` instead).
+            &[("x-forwarded-for", "1.2.3.4"), ("accept", "*/*")],
+            &[("x-forwarded-prefix", "/outer//"), ("host", "shop.test")],
+            &[("x_forwarded_for", "6.6.6.6"), ("host", "shop.test")],
+        ];
+        let via = HeaderValue::from_static("1.1 edge");
+        let host = HeaderValue::from_static("shop.test");
+        let peer = HeaderValue::from_static("127.0.0.1");
+        for trusted in [false, true] {
+            let (ctx, locator) = ctx(trusted);
+            for fields in sent {
+                for prefix in [None, Some("/api/")] {
+                    let info = ForwardInfo {
+                        host: Some(&host),
+                        scheme: Scheme::Https,
+                        peer_ip: &peer,
+                        stripped_prefix: prefix,
+                        via: &via,
+                    };
+                    let case = format!("trusted {trusted}, prefix {prefix:?}, {fields:?}");
+                    let added = {
+                        let mut h = hm(fields);
+                        let present = strip_request(&mut h, &ctx, &locator, &[]);
+                        add_forwarding(&mut h, &ctx, &info, present);
+                        h
+                    };
+                    let looked_up = {
+                        let mut h = hm(fields);
+                        strip_request(&mut h, &ctx, &locator, &[]);
+                        add_forwarding(&mut h, &ctx, &info, Present::UNKNOWN);
+                        h
+                    };
+                    let written = {
+                        let mut h = hm(fields);
+                        let present = strip_request(&mut h, &ctx, &locator, &[]);
+                        let extra = forwarding_fields(&mut h, &ctx, &info, present);
+                        for (name, _) in &extra {
+                            // `Via` is a list: ours follows the client's entries.
+                            let list = name == header::VIA;
+                            assert!(list || !h.contains_key(name), "{name} twice: {case}");
+                        }
+                        for (name, value) in extra {
+                            h.append(name, value);
+                        }
+                        h
+                    };
+                    assert_eq!(added, looked_up, "{case}");
+                    assert_eq!(added, written, "{case}");
+                    for once in [
+                        "x-forwarded-for",
+                        "x-forwarded-proto",
+                        "x-forwarded-host",
+                        "host",
+                    ] {
+                        assert_eq!(added.get_all(once).iter().count(), 1, "{once}: {case}");
+                    }
+                    assert_eq!(added["x-request-id"], ctx.request_id.as_str(), "{case}");
+                    assert_eq!(added["traceparent"], ctx.trace.header_value(), "{case}");
+                    assert_eq!(
+                        added.get_all("via").iter().next_back(),
+                        Some(&via),
+                        "ours comes last: {case}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -193,7 +193,8 @@ impl Outbound for FnOutbound {
                 .to_owned();
             let mut headers = parts.headers;
             // A guest copying its request's headers must not pass on what only the node says.
-            filters::strip_request(&mut headers, &ctx, &snap.locator, &snap.internal_headers);
+            let present =
+                filters::strip_request(&mut headers, &ctx, &snap.locator, &snap.internal_headers);
             let cacheable = parts.method == Method::GET || parts.method == Method::HEAD;
             let result = match &route.cache {
                 Some(rc) if cacheable && body.is_end_stream() => {
@@ -203,6 +204,7 @@ impl Outbound for FnOutbound {
                         path_and_query: pq.clone(),
                         ctx: ctx.clone(),
                         hop,
+                        present,
                         group: Some(group.clone()),
                     });
                     let handled = node
@@ -223,7 +225,7 @@ impl Outbound for FnOutbound {
                     handled.result
                 }
                 _ => {
-                    hop.add_forwarding(&mut headers, &ctx);
+                    hop.add_forwarding(&mut headers, &ctx, present);
                     send_to_origin(
                         route,
                         &target,
@@ -232,6 +234,7 @@ impl Outbound for FnOutbound {
                         &parts.method,
                         &pq,
                         headers,
+                        &[],
                         OutgoingBody::Boxed(body),
                     )
                     .await

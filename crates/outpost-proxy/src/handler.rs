@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
@@ -28,7 +29,7 @@ use outpost_telemetry::metrics::RouteMetrics;
 use crate::body::{BodyState, LimitedBody, ObservedBody, ProxyBody, ReplayableBody, boxed, empty};
 use crate::context::{ConnInfo, RequestContext, RequestId};
 use crate::error::{ErrorSource, ProxyError};
-use crate::filters::{self, ForwardInfo, Timings};
+use crate::filters::{self, ForwardInfo, Present, Timings};
 use crate::node::{Node, Rejection, RouteCache, RouteRuntime, Snapshot, VARIANT_HEADER};
 use crate::origin::AttemptError;
 use crate::routing::strip_prefix;
@@ -594,7 +595,7 @@ async fn forward(
         None => new_path.to_owned(),
     };
     let mut headers = parts.headers;
-    filters::strip_request(&mut headers, ctx, &snap.locator, &snap.internal_headers);
+    let present = filters::strip_request(&mut headers, ctx, &snap.locator, &snap.internal_headers);
     if !variants.is_empty() {
         let v = variants
             .iter()
@@ -645,7 +646,7 @@ async fn forward(
             route,
             policy,
             ctx,
-            &hop,
+            (&hop, present),
             (&parts.method, &parts.uri),
             path_and_query,
             headers,
@@ -655,7 +656,7 @@ async fn forward(
     }
 
     let Some(rc) = &route.cache else {
-        hop.add_forwarding(&mut headers, ctx);
+        let forwarding = hop.forwarding_fields(&mut headers, ctx, present);
         return send_to_origin(
             route,
             route.group_for(&parts.method),
@@ -664,6 +665,7 @@ async fn forward(
             &parts.method,
             &path_and_query,
             headers,
+            &forwarding,
             OutgoingBody::Stream(body),
         )
         .await;
@@ -682,6 +684,7 @@ async fn forward(
             path_and_query,
             ctx: ctx.clone(),
             hop,
+            present,
             group: None,
         });
         let handled = node
@@ -728,7 +731,7 @@ async fn forward(
             }
         });
     }
-    hop.add_forwarding(&mut headers, ctx);
+    hop.add_forwarding(&mut headers, ctx, present);
     bypass(
         node,
         rc,
@@ -753,7 +756,7 @@ async fn keep_or_forward(
     route: &RouteRuntime,
     policy: &crate::outbox::OutboxPolicy,
     ctx: &RequestContext,
-    hop: &Hop,
+    (hop, present): (&Hop, Present),
     (method, uri): (&Method, &http::Uri),
     path_and_query: String,
     mut headers: HeaderMap,
@@ -774,7 +777,7 @@ async fn keep_or_forward(
         None => route.name.clone(),
     };
     let mut plain = headers;
-    hop.add_plain_forwarding(&mut plain, ctx);
+    hop.add_plain_forwarding(&mut plain, ctx, present);
     let waiting = match node.store() {
         Some(store) => store
             .outbox_waiting(&route.name, &order_key)
@@ -798,6 +801,7 @@ async fn keep_or_forward(
             method,
             &path_and_query,
             now,
+            &[],
             OutgoingBody::Buffered(bytes.clone()),
         )
         .await
@@ -884,6 +888,7 @@ async fn bypass(
         method,
         &path_and_query,
         headers,
+        &[],
         OutgoingBody::Stream(body),
     )
     .await?;
@@ -928,9 +933,28 @@ impl Hop {
         self.host.as_ref().and_then(|h| h.to_str().ok())
     }
 
-    pub(crate) fn add_forwarding(&self, headers: &mut HeaderMap, ctx: &RequestContext) {
+    /// Adds the forwarding fields to `headers` (`present`: what [`filters::strip_request`] found
+    /// in them).
+    pub(crate) fn add_forwarding(
+        &self,
+        headers: &mut HeaderMap,
+        ctx: &RequestContext,
+        present: Present,
+    ) {
         self.add_identity(headers);
-        self.add_plain_forwarding(headers, ctx);
+        self.add_plain_forwarding(headers, ctx, present);
+    }
+
+    /// [`Self::add_forwarding`] with the plain forwarding fields returned instead of added, for
+    /// the origin client to send after `headers` (see [`filters::forwarding_fields`]).
+    pub(crate) fn forwarding_fields(
+        &self,
+        headers: &mut HeaderMap,
+        ctx: &RequestContext,
+        present: Present,
+    ) -> Vec<(HeaderName, HeaderValue)> {
+        self.add_identity(headers);
+        filters::forwarding_fields(headers, ctx, &self.info(), present)
     }
 
     /// A freshly signed `x-outpost-identity`, on routes that forward one.
@@ -944,18 +968,23 @@ impl Hop {
     }
 
     /// `X-Forwarded-*`, `Via`, request id and trace context.
-    fn add_plain_forwarding(&self, headers: &mut HeaderMap, ctx: &RequestContext) {
-        filters::add_forwarding(
-            headers,
-            ctx,
-            &ForwardInfo {
-                host: self.host.as_ref(),
-                scheme: self.scheme,
-                peer_ip: &self.peer_ip,
-                stripped_prefix: self.stripped_prefix.as_deref(),
-                via: &self.via,
-            },
-        );
+    fn add_plain_forwarding(
+        &self,
+        headers: &mut HeaderMap,
+        ctx: &RequestContext,
+        present: Present,
+    ) {
+        filters::add_forwarding(headers, ctx, &self.info(), present);
+    }
+
+    fn info(&self) -> ForwardInfo<'_> {
+        ForwardInfo {
+            host: self.host.as_ref(),
+            scheme: self.scheme,
+            peer_ip: &self.peer_ip,
+            stripped_prefix: self.stripped_prefix.as_deref(),
+            via: &self.via,
+        }
     }
 }
 
@@ -967,6 +996,8 @@ pub(crate) struct OriginFetch {
     pub(crate) path_and_query: String,
     pub(crate) ctx: Arc<RequestContext>,
     pub(crate) hop: Hop,
+    /// What [`filters::strip_request`] found in the headers the cache hands to `fetch`.
+    pub(crate) present: Present,
     /// The origin group to ask instead of the route's (a function's request to a group).
     pub(crate) group: Option<String>,
 }
@@ -979,7 +1010,8 @@ impl Upstream for OriginFetch {
         method: Method,
         mut headers: HeaderMap,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'static {
-        self.hop.add_forwarding(&mut headers, &self.ctx);
+        self.hop
+            .add_forwarding(&mut headers, &self.ctx, self.present);
         let snap = self.snap.clone();
         let route = self.route;
         let path_and_query = self.path_and_query.clone();
@@ -1005,6 +1037,7 @@ impl Upstream for OriginFetch {
                 &method,
                 &path_and_query,
                 headers,
+                &[],
                 OutgoingBody::Empty,
             )
             .await?;
@@ -1032,6 +1065,7 @@ pub(crate) async fn send_to_origin(
     method: &Method,
     path_and_query: &str,
     headers: HeaderMap,
+    forwarding: &[(HeaderName, HeaderValue)],
     body: OutgoingBody,
 ) -> Result<Forwarded, ProxyError> {
     let too_large = ProxyError::PayloadTooLarge {
@@ -1084,6 +1118,7 @@ pub(crate) async fn send_to_origin(
         let sent = endpoint
             .send(
                 upstream,
+                forwarding,
                 route.timeout,
                 &group.passive,
                 client_body.as_deref(),
@@ -1191,6 +1226,7 @@ pub(crate) async fn send_buffered(
         method,
         path_and_query,
         headers,
+        &[],
         OutgoingBody::Buffered(body),
     )
     .await

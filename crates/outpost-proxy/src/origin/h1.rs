@@ -238,12 +238,12 @@ impl Conn {
 /// went.
 pub async fn exchange(
     mut conn: Conn,
-    head: &request::Parts,
+    (head, forwarding): (&request::Parts, &[(HeaderName, HeaderValue)]),
     body: ProxyBody,
     home: &Arc<H1Pool>,
     deadline: tokio::time::Instant,
 ) -> Result<Response<ProxyBody>, Failure> {
-    let mut out = Outgoing::new(head, body);
+    let mut out = Outgoing::new(head, forwarding, body);
     let mut received = false;
     let result =
         std::future::poll_fn(
@@ -307,6 +307,14 @@ fn wants_zero_length(method: &Method) -> bool {
     )
 }
 
+/// Writes one `name: value` line of a request head.
+fn put_field(buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+    buf.extend_from_slice(name.as_str().as_bytes());
+    buf.extend_from_slice(b": ");
+    buf.extend_from_slice(value.as_bytes());
+    buf.extend_from_slice(b"\r\n");
+}
+
 /// The request on its way out: queued bytes, then the body's frames as they come.
 struct Outgoing {
     queue: Vec<Bytes>,
@@ -324,7 +332,12 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(head: &request::Parts, body: ProxyBody) -> Outgoing {
+    /// The request head (`forwarding` after the request's own fields) and its body.
+    fn new(
+        head: &request::Parts,
+        forwarding: &[(HeaderName, HeaderValue)],
+        body: ProxyBody,
+    ) -> Outgoing {
         let empty = body.is_end_stream();
         let length = if empty {
             Some(0)
@@ -341,6 +354,7 @@ impl Outgoing {
         let fields: usize = head
             .headers
             .iter()
+            .chain(forwarding.iter().map(|(name, value)| (name, value)))
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum();
         let mut buf =
@@ -359,10 +373,10 @@ impl Outgoing {
             if name == header::TRANSFER_ENCODING {
                 continue;
             }
-            buf.extend_from_slice(name.as_str().as_bytes());
-            buf.extend_from_slice(b": ");
-            buf.extend_from_slice(value.as_bytes());
-            buf.extend_from_slice(b"\r\n");
+            put_field(&mut buf, name, value);
+        }
+        for (name, value) in forwarding {
+            put_field(&mut buf, name, value);
         }
         let chunked = match length {
             Some(0) if !had_length && !wants_zero_length(&head.method) => false,
@@ -1170,7 +1184,7 @@ mod tests {
     ) -> Response<ProxyBody> {
         tokio::time::timeout(
             Duration::from_secs(secs),
-            pool.send(request(Method::POST, upload), far()),
+            pool.send(request(Method::POST, upload), &[], far()),
         )
         .await
         .expect(what)
@@ -1182,7 +1196,7 @@ mod tests {
         pool: &Arc<H1Pool>,
         method: Method,
     ) -> Result<Response<ProxyBody>, PoolError> {
-        pool.send(request(method, body::empty()), far()).await
+        pool.send(request(method, body::empty()), &[], far()).await
     }
 
     /// Sends a request without a body and reads the whole answer as text; `what` names the
@@ -1221,7 +1235,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let deadline = started + Duration::from_millis(300);
         let got = pool
-            .send(request(Method::GET, body::empty()), deadline)
+            .send(request(Method::GET, body::empty()), &[], deadline)
             .await;
         assert!(
             matches!(got, Err(PoolError::Exchange(ExchangeError::TimedOut))),
@@ -1241,7 +1255,7 @@ mod tests {
         // Connection 1: first exchange well within its 400 ms.
         let quick = tokio::time::Instant::now() + Duration::from_millis(400);
         let resp = pool
-            .send(request(Method::GET, body::empty()), quick)
+            .send(request(Method::GET, body::empty()), &[], quick)
             .await
             .expect("first exchange");
         assert_eq!(text(resp).await.expect("body"), "on time");
@@ -1252,6 +1266,7 @@ mod tests {
         let resp = pool
             .send(
                 request(Method::GET, body::empty()),
+                &[],
                 tokio::time::Instant::now() + Duration::from_secs(5),
             )
             .await
@@ -1261,6 +1276,34 @@ mod tests {
             accepted.load(Ordering::SeqCst),
             2,
             "the connection was reused"
+        );
+    }
+
+    /// Forwarding fields go out after the request's own, in their order, in the same head.
+    #[tokio::test]
+    async fn forwarding_fields_follow_the_request_fields() {
+        let (addr, _) = origin(|_, mut sock| async move {
+            let mut pending = Vec::new();
+            if let Some((head, _)) = read_request(&mut sock, &mut pending).await {
+                let _ = sock.write_all(&ok_with(head.as_bytes())).await;
+            }
+        })
+        .await;
+        let forwarding = [
+            (
+                HeaderName::from_static("x-forwarded-for"),
+                HeaderValue::from_static("192.0.2.7"),
+            ),
+            (header::VIA, HeaderValue::from_static("1.1 edge")),
+        ];
+        let resp = pool(addr)
+            .send(request(Method::GET, body::empty()), &forwarding, far())
+            .await
+            .expect("exchange");
+        let head = text(resp).await.expect("body");
+        assert_eq!(
+            head,
+            "GET /p?q=1 HTTP/1.1\r\nhost: origin.test\r\nx-forwarded-for: 192.0.2.7\r\nvia: 1.1 edge\r\n\r\n"
         );
     }
 
@@ -1289,7 +1332,7 @@ mod tests {
         let pool = pool(addr);
         for n in 1..=3 {
             let resp = pool
-                .send(request(Method::GET, body::empty()), far())
+                .send(request(Method::GET, body::empty()), &[], far())
                 .await
                 .expect("send");
             assert_eq!(resp.status(), StatusCode::OK);
@@ -1523,7 +1566,7 @@ mod tests {
         .await;
         let pool = pool(addr);
         let resp = pool
-            .send(request(Method::PUT, body::full("known")), far())
+            .send(request(Method::PUT, body::full("known")), &[], far())
             .await
             .expect("put");
         assert_eq!(text(resp).await.expect("body"), "length:known");
@@ -1544,7 +1587,7 @@ mod tests {
             }
         });
         let resp = pool
-            .send(request(Method::POST, streamed), far())
+            .send(request(Method::POST, streamed), &[], far())
             .await
             .expect("stream");
         assert_eq!(text(resp).await.expect("body"), "chunked:one two three");
@@ -1626,7 +1669,7 @@ mod tests {
             .await
             .expect("first piece");
         let resp = pool
-            .send(request(Method::POST, upload), far())
+            .send(request(Method::POST, upload), &[], far())
             .await
             .expect("answer head");
         let mut body = resp.into_body();
@@ -1702,7 +1745,7 @@ mod tests {
             )));
             let resp = tokio::time::timeout(
                 Duration::from_secs(5),
-                pool.send(request(Method::POST, upload), far()),
+                pool.send(request(Method::POST, upload), &[], far()),
             )
             .await
             .unwrap_or_else(|_| panic!("{case}: the upload stalled"))
@@ -1943,7 +1986,7 @@ mod tests {
         );
         // A burst: three exchanges at once, three connections, all idle afterwards.
         let burst = futures_util::future::join_all(
-            (0..3).map(|_| pool.send(request(Method::GET, body::empty()), far())),
+            (0..3).map(|_| pool.send(request(Method::GET, body::empty()), &[], far())),
         )
         .await;
         for resp in burst {
@@ -1955,7 +1998,7 @@ mod tests {
         let until = Instant::now() + Duration::from_millis(400);
         while Instant::now() < until {
             let resp = pool
-                .send(request(Method::GET, body::empty()), far())
+                .send(request(Method::GET, body::empty()), &[], far())
                 .await
                 .expect("send");
             assert_eq!(text(resp).await.expect("body"), "ok");

@@ -77,8 +77,8 @@ async fn check(endpoint: &Endpoint, cfg: &HealthCheck) -> bool {
         return false;
     };
     let fut = async {
-        let deadline = tokio::time::Instant::now() + cfg.timeout;
-        let resp = endpoint.exchange(req, deadline).await.ok()?;
+        let deadline = crate::alarm::deadline_after(tokio::time::Instant::now(), cfg.timeout);
+        let resp = endpoint.exchange(req, &[], deadline).await.ok()?;
         let ok = resp.status().is_success();
         // Read (a bounded amount of) the body so the connection can return to the pool.
         let mut body = resp.into_body();

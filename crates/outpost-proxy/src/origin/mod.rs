@@ -266,13 +266,15 @@ impl Endpoint {
     pub async fn send(
         &self,
         req: Request<ProxyBody>,
+        forwarding: &[(http::HeaderName, http::HeaderValue)],
         timeout: Duration,
         passive: &Passive,
         client_body: Option<&BodyState>,
     ) -> Result<(Response<ProxyBody>, f64), AttemptError> {
         // tokio's clock: the deadline is a tokio timer's (and moves with a paused test clock).
         let started = tokio::time::Instant::now();
-        let result = self.exchange(req, started + timeout).await;
+        let deadline = crate::alarm::deadline_after(started, timeout);
+        let result = self.exchange(req, forwarding, deadline).await;
         let secs = started.elapsed().as_secs_f64();
         if let Some(body) = client_body {
             match &result {
@@ -304,26 +306,37 @@ impl Endpoint {
 
     /// One request/response exchange over the endpoint's transport: a response head by
     /// `deadline` or [`AttemptError::Timeout`], without bookkeeping (health checks use it too).
+    /// `forwarding` are fields sent after the request's own, none of them among them but `Via`
+    /// ([`crate::filters::forwarding_fields`]).
     pub async fn exchange(
         &self,
         mut req: Request<ProxyBody>,
+        forwarding: &[(http::HeaderName, http::HeaderValue)],
         deadline: tokio::time::Instant,
     ) -> Result<Response<ProxyBody>, AttemptError> {
         match &self.transport {
             Transport::H1(pool) => {
                 // HTTP/1.1 needs a Host; clients that sent none (HTTP/1.0) get the endpoint's.
                 if !req.headers().contains_key(header::HOST)
+                    && !forwarding.iter().any(|(name, _)| name == header::HOST)
                     && let Ok(v) = http::HeaderValue::from_str(self.authority.as_str())
                 {
                     req.headers_mut().insert(header::HOST, v);
                 }
-                pool.send(req, deadline).await.map_err(|e| match e {
-                    PoolError::Connect { .. } => AttemptError::Connect(Box::new(e)),
-                    PoolError::Exchange(ExchangeError::TimedOut) => AttemptError::Timeout,
-                    PoolError::Exchange(_) => AttemptError::Broken(Box::new(e)),
-                })
+                pool.send(req, forwarding, deadline)
+                    .await
+                    .map_err(|e| match e {
+                        PoolError::Connect { .. } => AttemptError::Connect(Box::new(e)),
+                        PoolError::Exchange(ExchangeError::TimedOut) => AttemptError::Timeout,
+                        PoolError::Exchange(_) => AttemptError::Broken(Box::new(e)),
+                    })
             }
             Transport::H2(client) => {
+                let headers = req.headers_mut();
+                headers.reserve(forwarding.len());
+                for (name, value) in forwarding {
+                    headers.append(name, value.clone());
+                }
                 match tokio::time::timeout_at(deadline, client.request(req)).await {
                     Err(_) => Err(AttemptError::Timeout),
                     Ok(Ok(resp)) => Ok(resp.map(|b| {

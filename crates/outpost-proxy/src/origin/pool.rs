@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::uri::Authority;
-use http::{Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -88,6 +88,7 @@ impl H1Pool {
     pub async fn send(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
+        forwarding: &[(HeaderName, HeaderValue)],
         deadline: Instant,
     ) -> Result<Response<ProxyBody>, PoolError> {
         let (head, body) = req.into_parts();
@@ -95,7 +96,7 @@ impl H1Pool {
             Some(c) => (c, true),
             None => (self.connect_by(deadline).await?, false),
         };
-        match h1::exchange(conn, &head, body, self, deadline).await {
+        match h1::exchange(conn, (&head, forwarding), body, self, deadline).await {
             Ok(resp) => Ok(resp),
             // A reused connection the origin had just closed: the request can go once more.
             Err(h1::Failure {
@@ -104,7 +105,7 @@ impl H1Pool {
             }) if reused => {
                 tracing::debug!(endpoint = %self.authority, error = %error, "Reused origin connection failed; retrying on a fresh one.");
                 let fresh = self.connect_by(deadline).await?;
-                h1::exchange(fresh, &head, body, self, deadline)
+                h1::exchange(fresh, (&head, forwarding), body, self, deadline)
                     .await
                     .map_err(|f| PoolError::Exchange(f.error))
             }
