@@ -214,8 +214,24 @@ pub fn forwarding_fields(
     info: &ForwardInfo<'_>,
     present: Present,
 ) -> Vec<(HeaderName, HeaderValue)> {
+    // `present` may name a field that is gone, never miss one that is there: a field added
+    // between `strip_request` and here would go out twice, the client's and ours.
+    debug_assert!(
+        [
+            (Present::FOR, X_FORWARDED_FOR),
+            (Present::PROTO, X_FORWARDED_PROTO),
+            (Present::HOST, X_FORWARDED_HOST),
+            (Present::PREFIX, X_FORWARDED_PREFIX),
+            (Present::REQUEST_ID, X_REQUEST_ID),
+            (Present::TRACEPARENT, TRACEPARENT),
+        ]
+        .iter()
+        .all(|(bit, name)| present.has(*bit) || !headers.contains_key(name)),
+        "a managed field was added after strip_request"
+    );
     let mut fields = Vec::with_capacity(8);
-    // X-Forwarded-For: a trusted proxy's chain is extended, anyone else's is replaced.
+    // X-Forwarded-For: a trusted proxy's chain is extended, anyone else's is replaced (an
+    // empty entry is not carried on).
     let mut chain = String::new();
     if present.has(Present::FOR) {
         if ctx.peer_trusted {
@@ -501,7 +517,7 @@ mod tests {
     #[test]
     fn forwarding_fields_match_whichever_way_they_are_added() {
         type Fields<'a> = &'a [(&'static str, &'static str)];
-        let sent: [Fields; 6] = [
+        let sent: [Fields; 11] = [
             &[("host", "shop.test"), ("accept", "*/*")],
             &[
                 ("host", "shop.test"),
@@ -527,17 +543,47 @@ mod tests {
             &[("x-forwarded-for", "1.2.3.4"), ("accept", "*/*")],
             &[("x-forwarded-prefix", "/outer//"), ("host", "shop.test")],
             &[("x_forwarded_for", "6.6.6.6"), ("host", "shop.test")],
+            &[("x_request_id", "mine"), ("x_forwarded_proto", "ftp")],
+            // Empty entries in a chain.
+            &[
+                ("x-forwarded-for", ""),
+                ("x-forwarded-for", "1.2.3.4"),
+                ("host", "a"),
+            ],
+            // Fields named by Connection: noted, then removed by the strip pass.
+            &[
+                (
+                    "connection",
+                    "x-forwarded-for, x-forwarded-proto, x-forwarded-prefix",
+                ),
+                ("x-forwarded-for", "1.2.3.4"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-prefix", "/p"),
+            ],
+            // Repeated managed fields.
+            &[
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-proto", "http"),
+                ("x-forwarded-host", "a.test"),
+                ("x-forwarded-host", "b.test"),
+                ("x-forwarded-prefix", "/a"),
+                ("x-forwarded-prefix", "/b"),
+                ("x-request-id", "one"),
+                ("x-request-id", "two"),
+            ],
+            &[],
         ];
         let via = HeaderValue::from_static("1.1 edge");
         let host = HeaderValue::from_static("shop.test");
         let peer = HeaderValue::from_static("127.0.0.1");
-        for trusted in [false, true] {
+        for (trusted, no_host) in [(false, false), (true, false), (true, true)] {
             let (ctx, locator) = ctx(trusted);
             for fields in sent {
-                for prefix in [None, Some("/api/")] {
+                for prefix in [None, Some("/api/"), Some("/")] {
                     let info = ForwardInfo {
-                        host: Some(&host),
-                        scheme: Scheme::Https,
+                        // No host known: an HTTP/1.0 request without one.
+                        host: (!no_host).then_some(&host),
+                        scheme: if trusted { Scheme::Https } else { Scheme::Http },
                         peer_ip: &peer,
                         stripped_prefix: prefix,
                         via: &via,
@@ -571,13 +617,13 @@ mod tests {
                     };
                     assert_eq!(added, looked_up, "{case}");
                     assert_eq!(added, written, "{case}");
-                    for once in [
-                        "x-forwarded-for",
-                        "x-forwarded-proto",
-                        "x-forwarded-host",
-                        "host",
-                    ] {
-                        assert_eq!(added.get_all(once).iter().count(), 1, "{once}: {case}");
+                    assert_eq!(added.get_all("x-forwarded-for").iter().count(), 1, "{case}");
+                    if info.host.is_some() {
+                        for once in ["x-forwarded-proto", "x-forwarded-host", "host"] {
+                            let n = added.get_all(once).iter().count();
+                            // A trusted proxy's repeated fields stand as they came.
+                            assert!(n == 1 || (trusted && n == 2), "{once} x{n}: {case}");
+                        }
                     }
                     assert_eq!(added["x-request-id"], ctx.request_id.as_str(), "{case}");
                     assert_eq!(added["traceparent"], ctx.trace.header_value(), "{case}");

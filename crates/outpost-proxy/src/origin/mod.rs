@@ -399,6 +399,11 @@ pub struct OriginGroup {
     pub response_timeout: Duration,
     /// Passive ejection settings.
     pub passive: Passive,
+    /// The node's location, where clients with no location of their own are placed.
+    home: GeoPoint,
+    /// Indexes into `endpoints`, nearest to `home` first: most requests rank from there, and
+    /// ranking costs a haversine (five trigonometric calls) per endpoint.
+    home_order: Vec<usize>,
 }
 
 impl OriginGroup {
@@ -411,6 +416,15 @@ impl OriginGroup {
             } else {
                 Vec::new()
             };
+        }
+        if at == self.home {
+            return self
+                .home_order
+                .iter()
+                .filter_map(|&i| self.endpoints.get(i))
+                .filter(|e| e.is_available())
+                .cloned()
+                .collect();
         }
         let mut ranked: Vec<(f64, &Arc<Endpoint>)> = self
             .endpoints
@@ -487,6 +501,13 @@ impl Origins {
                 }
                 endpoints.push(endpoint);
             }
+            let home = config.node.location;
+            let mut home_order: Vec<usize> = (0..endpoints.len()).collect();
+            // Stable, as the ranking of available endpoints is: ties keep config order.
+            home_order.sort_by(|&a, &b| {
+                let d = |i: usize| distance_km(home, endpoints[i].location);
+                d(a).total_cmp(&d(b))
+            });
             groups.insert(
                 name.clone(),
                 Arc::new(OriginGroup {
@@ -494,6 +515,8 @@ impl Origins {
                     endpoints,
                     response_timeout: cfg.response_timeout,
                     passive: cfg.passive.clone(),
+                    home,
+                    home_order,
                 }),
             );
         }
@@ -523,5 +546,88 @@ fn key_for(group: &str, cfg: &OriginConfig, url: &str) -> EndpointKey {
         pool_idle_timeout: cfg.pool_idle_timeout,
         pool_max_idle: cfg.pool_max_idle_per_endpoint,
         tls: cfg.tls.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node in Tokyo in front of four regional endpoints (two of them in the same place).
+    fn origins() -> Origins {
+        let toml = r#"
+version = 1
+[node]
+id = "tokyo-1"
+region = "ap-northeast"
+location = { lat = 35.68, lon = 139.69 }
+[[listeners]]
+addr = "127.0.0.1:0"
+[origins.api]
+[[origins.api.endpoints]]
+url = "http://127.0.0.1:9001"
+region = "eu-west"
+location = { lat = 53.35, lon = -6.26 }
+[[origins.api.endpoints]]
+url = "http://127.0.0.1:9002"
+region = "us-west"
+location = { lat = 45.52, lon = -122.68 }
+[[origins.api.endpoints]]
+url = "http://127.0.0.1:9003"
+region = "ap-south"
+location = { lat = 1.35, lon = 103.82 }
+[[origins.api.endpoints]]
+url = "http://127.0.0.1:9004"
+region = "us-west-b"
+location = { lat = 45.52, lon = -122.68 }
+[[routes]]
+name = "api"
+path_prefix = "/"
+origin = "api"
+"#;
+        let config = outpost_config::Config::parse(toml, "test.toml", std::path::Path::new("."))
+            .expect("config");
+        Origins::build(&config, None, &Metrics::new("test")).expect("origins")
+    }
+
+    fn regions(ranked: &[Arc<Endpoint>]) -> Vec<&str> {
+        ranked.iter().map(|e| &*e.region).collect()
+    }
+
+    /// Ranking from the node's own place uses the order computed at build, and agrees with
+    /// ranking from a point next to it (computed per request), whatever is available; ties
+    /// keep config order.
+    #[tokio::test]
+    async fn the_precomputed_home_ranking_matches_the_computed_one() {
+        let origins = origins();
+        let group = origins.group("api").expect("group");
+        let home = GeoPoint {
+            lat: 35.68,
+            lon: 139.69,
+        };
+        let beside = GeoPoint {
+            lat: 35.68 + 1e-9,
+            lon: 139.69,
+        };
+        assert_eq!(
+            regions(&group.nearest_available(home)),
+            ["ap-south", "us-west", "us-west-b", "eu-west"]
+        );
+        for down in 0..group.endpoints.len() {
+            group.endpoints[down].set_active(false);
+            assert_eq!(
+                regions(&group.nearest_available(home)),
+                regions(&group.nearest_available(beside)),
+                "endpoint {down} down"
+            );
+            assert_eq!(group.nearest_available(home).len(), 3);
+            group.endpoints[down].set_active(true);
+        }
+        // From Dublin the order is another, computed per request.
+        let dublin = GeoPoint {
+            lat: 53.3,
+            lon: -6.2,
+        };
+        assert_eq!(regions(&group.nearest_available(dublin))[0], "eu-west");
     }
 }
