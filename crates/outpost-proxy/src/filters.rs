@@ -230,8 +230,8 @@ pub fn forwarding_fields(
         "a managed field was added after strip_request"
     );
     let mut fields = Vec::with_capacity(8);
-    // X-Forwarded-For: a trusted proxy's chain is extended, anyone else's is replaced (an
-    // empty entry is not carried on).
+    // X-Forwarded-For: a trusted proxy's chain is extended, anyone else's is replaced (empty
+    // entries at the chain's start are not carried on).
     let mut chain = String::new();
     if present.has(Present::FOR) {
         if ctx.peer_trusted {
