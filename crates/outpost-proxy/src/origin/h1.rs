@@ -1784,6 +1784,35 @@ mod tests {
         )
     }
 
+    /// An HTTPS origin running `script(connection number, TLS stream)` for every connection
+    /// (certificate from [`tls_pair`]), and a pool that trusts it; with how many connections
+    /// it accepted.
+    async fn tls_origin<F, Fut>(script: F) -> (Arc<H1Pool>, Arc<AtomicUsize>)
+    where
+        F: Fn(usize, tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (acceptor, pool_tls) = tls_pair();
+        let script = Arc::new(script);
+        let (addr, accepted) = origin(move |n, sock| {
+            let (acceptor, script) = (acceptor.clone(), script.clone());
+            async move {
+                if let Ok(tls) = acceptor.accept(sock).await {
+                    script(n, tls).await;
+                }
+            }
+        })
+        .await;
+        let pool = H1Pool::new(
+            addr.to_string().parse().expect("authority"),
+            Some(pool_tls),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            8,
+        );
+        (pool, accepted)
+    }
+
     /// A first answer whose head and body are exactly 8192 bytes (the first read's size),
     /// followed in the same write by bytes the origin should not have sent.
     fn aligned_answer_then_stray() -> Vec<u8> {
@@ -1819,34 +1848,20 @@ mod tests {
     /// Over plain TCP the same origin is caught (the control test below passes).
     #[tokio::test]
     async fn tls_bytes_left_inside_rustls_retire_the_connection() {
-        let (acceptor, pool_tls) = tls_pair();
-        let (addr, accepted) = origin(move |n, sock| {
-            let acceptor = acceptor.clone();
-            async move {
-                let Ok(mut tls) = acceptor.accept(sock).await else {
-                    return;
-                };
-                let mut first = n == 0;
-                while read_head_any(&mut tls).await {
-                    if std::mem::take(&mut first) {
-                        let _ = tls.write_all(&aligned_answer_then_stray()).await;
-                    } else {
-                        let _ = tls
-                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
-                            .await;
-                    }
-                    let _ = tls.flush().await;
+        let (pool, accepted) = tls_origin(|n, mut tls| async move {
+            let mut first = n == 0;
+            while read_head_any(&mut tls).await {
+                if std::mem::take(&mut first) {
+                    let _ = tls.write_all(&aligned_answer_then_stray()).await;
+                } else {
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+                        .await;
                 }
+                let _ = tls.flush().await;
             }
         })
         .await;
-        let pool = H1Pool::new(
-            addr.to_string().parse().expect("authority"),
-            Some(pool_tls),
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-            8,
-        );
         let resp = bodiless(&pool, Method::GET).await.expect("first");
         assert!(text(resp).await.expect("body").len() > 8000);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1913,42 +1928,26 @@ mod tests {
     #[tokio::test]
     async fn tls_upload_tail_leaves_while_the_body_pauses() {
         const CHUNK: usize = 16 * 1024 * 1024;
-        let (acceptor, pool_tls) = tls_pair();
-        let (addr, _) = origin(move |_, sock| {
-            let acceptor = acceptor.clone();
-            async move {
-                let Ok(mut tls) = acceptor.accept(sock).await else {
-                    return;
-                };
-                // Let the sender fill every buffer first.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let mut xs = 0usize;
-                let mut b = vec![0u8; 64 * 1024];
-                while xs < CHUNK {
-                    match tls.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => xs += b[..n].iter().filter(|c| **c == b'x').count(),
-                    }
-                    // A slow reader: the sender is always ahead, its socket full.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+        let (pool, _) = tls_origin(|_, mut tls| async move {
+            // Let the sender fill every buffer first.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut xs = 0usize;
+            let mut b = vec![0u8; 64 * 1024];
+            while xs < CHUNK {
+                match tls.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => xs += b[..n].iter().filter(|c| **c == b'x').count(),
                 }
-                let _ = tls
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-                    )
-                    .await;
-                let _ = tls.flush().await;
-                let _ = tls.read(&mut b).await;
+                // A slow reader: the sender is always ahead, its socket full.
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
+            let _ = tls
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                .await;
+            let _ = tls.flush().await;
+            let _ = tls.read(&mut b).await;
         })
         .await;
-        let pool = H1Pool::new(
-            addr.to_string().parse().expect("authority"),
-            Some(pool_tls),
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-            8,
-        );
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
         let upload = body::boxed(http_body_util::StreamBody::new(tokio_stream_from(rx)));
         tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; CHUNK]))))
