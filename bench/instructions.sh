@@ -9,6 +9,8 @@
 #   origin   outpost-bench-origin (1 KiB body)
 #   nginx    under callgrind, one process (master_process off), upstream keepalive
 #   outpost  under callgrind, `outpost serve`, access log off
+#   floor    under callgrind, outpost-bench-floor: hyper's server and client and nothing else
+#            (see proxy.sh); BENCH_FLOOR=0 leaves it out
 #
 # Each server gets BENCH_WARMUP_REQUESTS requests (pools, caches, lazy init), then its counters
 # are zeroed, then BENCH_REQUESTS requests on one keep-alive connection (curl's URL globbing),
@@ -26,7 +28,7 @@
 # Settings (environment): BENCH_REQUESTS (default 3000), BENCH_WARMUP_REQUESTS (500),
 # BENCH_OUTPOST_BIN (an outpost binary instead of building one), BENCH_BODY_BYTES (1024),
 # BENCH_SERVER_CPU (0), BENCH_LOAD (curl, or wrk), and for wrk BENCH_CONNECTIONS (32),
-# BENCH_LOAD_SECONDS (10), BENCH_CLIENT_CPU (1).
+# BENCH_LOAD_SECONDS (10), BENCH_CLIENT_CPU (1), BENCH_FLOOR (1).
 set -euo pipefail
 
 # shellcheck source=bench/lib.sh
@@ -40,6 +42,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [[ $BENCH_LOAD == curl || $BENCH_LOAD == wrk ]] || { echo "BENCH_LOAD must be curl or wrk" >&2; exit 2; }
 [[ $BENCH_LOAD_SECONDS =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_LOAD_SECONDS must be a positive integer" >&2; exit 2; }
 : "${BENCH_SERVER_CPU:=0}"
+: "${BENCH_FLOOR:=1}"
 
 bench_init instructions
 bench_require_tools nginx curl valgrind callgrind_control ss awk taskset
@@ -53,6 +56,7 @@ bench_log "building: cargo build --release ${packages[*]}"
 (cd "$BENCH_REPO_DIR" && cargo build --release "${packages[@]}") || bench_die "cargo build failed"
 origin_bin=$target_dir/release/outpost-bench-origin
 outpost_bin=${BENCH_OUTPOST_BIN:-$target_dir/release/outpost}
+floor_bin=$target_dir/release/outpost-bench-floor
 
 origin_port=$(bench_free_port)
 bench_spawn origin "$origin_bin" "127.0.0.1:$origin_port" "$BENCH_BODY_BYTES"
@@ -124,6 +128,18 @@ bench_wait_http "http://127.0.0.1:$admin_port/readyz" 120 "$outpost_pid" ||
 outpost_ins=$(count outpost "$outpost_pid" "http://127.0.0.1:$proxy_port/")
 bench_stop "$outpost_pid"
 
+# --- the hyper floor ----------------------------------------------------------------------
+floor_ins=""
+if [[ $BENCH_FLOOR == 1 ]]; then
+    floor_port=$(bench_free_port)
+    bench_spawn floor "${callgrind[@]}" "--callgrind-out-file=$BENCH_TMP/floor.cg.%p" \
+        "$floor_bin" "127.0.0.1:$floor_port" "127.0.0.1:$origin_port"
+    floor_pid=$BENCH_LAST_PID
+    bench_wait_http "http://127.0.0.1:$floor_port/" 60 "$floor_pid" || bench_die "the floor proxy did not start under valgrind"
+    floor_ins=$(count floor "$floor_pid" "http://127.0.0.1:$floor_port/")
+    bench_stop "$floor_pid"
+fi
+
 if [[ $BENCH_LOAD == curl ]]; then
     load="$BENCH_REQUESTS requests on one connection"
 else
@@ -131,7 +147,13 @@ else
 fi
 printf '\nuser-space instructions per request (callgrind), %s, %s-byte body\n\n' "$load" "$BENCH_BODY_BYTES"
 printf '%-10s %12s\n' target instructions nginx "$nginx_ins" outpost "$outpost_ins"
-printf '\noutpost/nginx  instructions: %s\n' "$(awk -v a="$outpost_ins" -v b="$nginx_ins" 'BEGIN { printf "%.2f", a / b }')"
-printf '{"bench":"instructions","git":"%s","connections":%s,"requests":%s,"body_bytes":%s,"nginx":%s,"outpost":%s}\n' \
-    "$(bench_git_rev)" "$( [[ $BENCH_LOAD == curl ]] && echo 1 || echo "$BENCH_CONNECTIONS")" "$( [[ $BENCH_LOAD == curl ]] && echo "$BENCH_REQUESTS" || echo null)" "$BENCH_BODY_BYTES" "$nginx_ins" "$outpost_ins" >>"$BENCH_RESULTS_FILE"
+[[ -z $floor_ins ]] || printf '%-10s %12s\n' floor "$floor_ins"
+echo
+printf 'outpost/nginx  instructions: %s\n' "$(bench_ratio "$outpost_ins" "$nginx_ins")"
+if [[ -n $floor_ins ]]; then
+    printf 'floor/nginx    instructions: %s\n' "$(bench_ratio "$floor_ins" "$nginx_ins")"
+    printf 'outpost/floor  instructions: %s\n' "$(bench_ratio "$outpost_ins" "$floor_ins")"
+fi
+printf '{"bench":"instructions","git":"%s","connections":%s,"requests":%s,"body_bytes":%s,"nginx":%s,"outpost":%s,"floor":%s}\n' \
+    "$(bench_git_rev)" "$( [[ $BENCH_LOAD == curl ]] && echo 1 || echo "$BENCH_CONNECTIONS")" "$( [[ $BENCH_LOAD == curl ]] && echo "$BENCH_REQUESTS" || echo null)" "$BENCH_BODY_BYTES" "$nginx_ins" "$outpost_ins" "${floor_ins:-null}" >>"$BENCH_RESULTS_FILE"
 printf 'results: %s\n' "${BENCH_RESULTS_FILE#"$BENCH_REPO_DIR"/}"

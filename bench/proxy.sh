@@ -4,6 +4,8 @@
 #   direct   wrk -> origin
 #   nginx    wrk -> nginx (1 worker)  -> origin   (upstream keepalive)
 #   outpost  wrk -> outpost serve     -> origin
+#   floor    wrk -> outpost-bench-floor -> origin   (hyper's server + hyper's client, nothing
+#            else: what any proxy built on hyper pays, see bench/origin/src/bin/)
 #
 # Pinning (2 cores): the proxy under test alone on core 0; the origin and wrk share core 1.
 # For each target: requests, req/s, p50/p99 latency, and the CPU the server spent per request
@@ -16,6 +18,7 @@
 #   BENCH_SERVER_CPU       core of the proxy under test           (default 0)
 #   BENCH_ORIGIN_CPU       core of the origin                     (default 1)
 #   BENCH_READY_TIMEOUT    seconds outpost gets to become ready   (default 20)
+#   BENCH_FLOOR=0          do not measure the hyper floor (default 1)
 #   BENCH_ROUNDS           nginx/outpost measurement pairs, taken in turns (default 3, odd
 #                          counts are best); the ratios reported are the medians of the
 #                          per-round ratios
@@ -32,6 +35,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${BENCH_ORIGIN_CPU:=1}"
 : "${BENCH_READY_TIMEOUT:=20}"
 : "${BENCH_ROUNDS:=3}"
+: "${BENCH_FLOOR:=1}"
 
 bench_init proxy
 bench_require_tools nginx wrk curl taskset getconf pgrep ss awk
@@ -49,6 +53,7 @@ bench_log "building: cargo build --release ${packages[*]}"
 (cd "$BENCH_REPO_DIR" && cargo build --release "${packages[@]}") ||
     bench_die "cargo build failed (BENCH_SKIP_OUTPOST=1 builds and measures without outpost)"
 origin_bin=$target_dir/release/outpost-bench-origin
+floor_bin=$target_dir/release/outpost-bench-floor
 outpost_bin=${BENCH_OUTPOST_BIN:-$target_dir/release/outpost}
 [[ -x $origin_bin ]] || bench_die "no $origin_bin after the build"
 
@@ -149,11 +154,29 @@ else
     fi
 fi
 
+# --- D: the hyper floor ------------------------------------------------------------------
+floor_ready=0
+if [[ $BENCH_FLOOR == 1 ]]; then
+    [[ -x $floor_bin ]] || bench_die "no $floor_bin after the build"
+    floor_port=$(bench_free_port)
+    floor_url="http://127.0.0.1:$floor_port/"
+    bench_spawn floor taskset -c "$BENCH_SERVER_CPU" "$floor_bin" "127.0.0.1:$floor_port" "127.0.0.1:$origin_port"
+    floor_pid=$BENCH_LAST_PID
+    if bench_wait_http "$floor_url" 10 "$floor_pid" && check_body "$floor_url"; then
+        floor_ready=1
+    else
+        bench_log_tail floor
+        bench_die "the hyper floor proxy did not start (BENCH_FLOOR=0 measures without it)"
+    fi
+fi
+
 # --- rounds: nginx, outpost, nginx, outpost, ... -----------------------------------------
 # This VM's speed drifts by ±15 % over minutes; a pair measured back to back sees nearly the
 # same machine, so each round gives a ratio and the report takes the median of those.
 round_ratios=()
 round_p99_ratios=()
+round_floor_ratios=() # floor/nginx
+round_over_floor=()   # outpost/floor
 [[ $BENCH_ROUNDS =~ ^[1-9][0-9]*$ ]] || bench_die "BENCH_ROUNDS must be a whole number from 1 (got '$BENCH_ROUNDS')"
 rounds=$BENCH_ROUNDS
 ((outpost_ready == 1)) || rounds=1
@@ -166,12 +189,20 @@ measure_outpost() {
     bench_measure "outpost$1" "$outpost_url" "$outpost_pid" || return 1
     round_outpost_cpu=$BENCH_RESULT_CPU_US round_outpost_p99=$BENCH_RESULT_P99_US
 }
+# The floor, after the pair (when it is measured), so that the pair stays back to back.
+measure_floor() {
+    ((floor_ready == 1)) || return 0
+    bench_measure "floor$1" "$floor_url" "$floor_pid" || return 1
+    round_floor_ratios+=("$(bench_ratio "$BENCH_RESULT_CPU_US" "$round_nginx_cpu")")
+    round_over_floor+=("$(bench_ratio "$round_outpost_cpu" "$BENCH_RESULT_CPU_US")")
+}
 for ((round = 1; round <= rounds; round++)); do
     suffix=""
     ((rounds == 1)) || suffix=".$round"
     round_nginx_cpu="" round_outpost_cpu="" round_nginx_p99="" round_outpost_p99=""
     if ((outpost_ready == 0)); then
         measure_nginx "$suffix" || bench_log "nginx: measurement failed"
+        measure_floor "$suffix" || bench_log "floor: measurement failed"
         break
     fi
     # Turns alternate (nginx first in odd rounds, outpost first in even ones), so that a steady
@@ -186,6 +217,10 @@ for ((round = 1; round <= rounds; round++)); do
     }
     round_ratios+=("$(bench_ratio "$round_outpost_cpu" "$round_nginx_cpu")")
     round_p99_ratios+=("$(bench_ratio "$round_outpost_p99" "$round_nginx_p99")")
+    measure_floor "$suffix" || {
+        bench_log "round $round: the floor's measurement failed; reporting the rounds taken"
+        break
+    }
 done
 
 # --- report ------------------------------------------------------------------------------
@@ -214,6 +249,10 @@ if ((outpost_ready == 1)); then
     fi
     printf 'outpost/nginx  CPU-µs/req: %s   p99: %s   (median of %s round(s))\n' \
         "$(median "${round_ratios[@]}")" "$(median "${round_p99_ratios[@]}")" "${#round_ratios[@]}"
+fi
+if ((${#round_floor_ratios[@]} > 0)); then
+    printf 'floor/nginx    CPU-µs/req: %s   (per round: %s)\n' "$(median "${round_floor_ratios[@]}")" "${round_floor_ratios[*]}"
+    ((outpost_ready == 1)) && printf 'outpost/floor  CPU-µs/req: %s   (per round: %s)\n' "$(median "${round_over_floor[@]}")" "${round_over_floor[*]}"
 fi
 echo
 echo "results: ${BENCH_RESULTS_FILE#"$BENCH_REPO_DIR"/}"
