@@ -479,6 +479,11 @@ pub struct Server {
     /// On SIGTERM, how long in-flight requests may take to finish before the node exits.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// An upgraded connection (WebSocket) over which no byte has gone either way for this long
+    /// is closed: a peer that vanished without a close would otherwise hold it, and an origin
+    /// connection, for ever.
+    #[serde(default = "default_tunnel_idle_timeout", with = "humantime_serde")]
+    pub tunnel_idle_timeout: Duration,
     /// Most concurrent client connections; beyond this, new connections wait in the kernel backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -497,6 +502,7 @@ impl Default for Server {
             send_timeout: default_send_timeout(),
             max_body_bytes: default_max_body_bytes(),
             drain_timeout: default_drain_timeout(),
+            tunnel_idle_timeout: default_tunnel_idle_timeout(),
             max_connections: default_max_connections(),
             internal_headers: Vec::new(),
         }
@@ -1096,6 +1102,9 @@ fn default_max_body_bytes() -> ByteSize {
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_tunnel_idle_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_max_connections() -> usize {
     10_000

@@ -612,6 +612,7 @@ fn check_server(c: &mut Checker, config: &Config) {
     for (key, value, example) in [
         ("header_read_timeout", s.header_read_timeout, "10s"),
         ("send_timeout", s.send_timeout, "60s"),
+        ("tunnel_idle_timeout", s.tunnel_idle_timeout, "5m"),
     ] {
         if value.is_zero() {
             c.report(

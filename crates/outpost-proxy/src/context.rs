@@ -31,7 +31,7 @@ impl Scheme {
 }
 
 /// Facts about the client connection, shared by every request on it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnInfo {
     /// The TCP peer.
     pub peer: SocketAddr,
@@ -39,6 +39,8 @@ pub struct ConnInfo {
     pub scheme: Scheme,
     /// The peer's IP as a header value (`X-Forwarded-For`), made once per connection.
     pub peer_ip: HeaderValue,
+    /// What the connection becomes once its HTTP/1.1 ends in a protocol switch.
+    tunnel: TunnelSlot,
 }
 
 impl ConnInfo {
@@ -49,7 +51,45 @@ impl ConnInfo {
             peer,
             scheme,
             peer_ip: shared_value(ip.into_bytes()).unwrap_or(HeaderValue::from_static("")),
+            tunnel: TunnelSlot::default(),
         }
+    }
+
+    /// Leaves the tunnel of a switched connection (a WebSocket) for the server to run once
+    /// hyper hands the connection over (`crate::tunnel`).
+    pub(crate) fn set_tunnel(&self, tunnel: Tunnel) {
+        *self.tunnel.lock() = Some(tunnel);
+    }
+
+    /// The tunnel left by [`Self::set_tunnel`], if a request switched the connection. The
+    /// server runs it inside the connection's task: it keeps the connection's permit, counts
+    /// as an open connection and is waited for on drain.
+    pub fn take_tunnel(&self) -> Option<Tunnel> {
+        self.tunnel.lock().take()
+    }
+}
+
+/// The rest of a switched connection's life: bytes copied between client and origin.
+pub type Tunnel = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+#[derive(Default)]
+struct TunnelSlot(std::sync::Mutex<Option<Tunnel>>);
+
+impl TunnelSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Tunnel>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for TunnelSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.lock().is_some() {
+            "Some(Tunnel)"
+        } else {
+            "None"
+        })
     }
 }
 

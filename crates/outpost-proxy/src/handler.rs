@@ -32,7 +32,9 @@ use crate::error::{ErrorSource, ProxyError};
 use crate::filters::{self, ForwardInfo, Present, Timings};
 use crate::node::{Node, Rejection, RouteCache, RouteRuntime, Snapshot, VARIANT_HEADER};
 use crate::origin::AttemptError;
+use crate::origin::h1::Switched;
 use crate::routing::strip_prefix;
+use crate::tunnel;
 
 /// A response from an origin or the cache, with what the logs need to know about it.
 pub(crate) struct Forwarded {
@@ -94,6 +96,12 @@ pub async fn handle(
     // origin's (an HTTP/1.0 origin's status line would otherwise reach the client).
     *resp.version_mut() = Version::default();
     let total_ms = started.elapsed().as_secs_f64() * 1e3;
+    // A switch (WebSocket) keeps its `Upgrade`, which the hop-by-hop pass below removes.
+    let switched_to = if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers().get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
     filters::response_headers(
         resp.headers_mut(),
         &via,
@@ -104,6 +112,11 @@ pub async fn handle(
             origin_ms,
         },
     );
+    if let Some(protocol) = switched_to {
+        let h = resp.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, protocol);
+    }
 
     let status = resp.status().as_u16();
     let (metrics, route_name) = match route.and_then(|i| snap.routes.get(i)) {
@@ -582,7 +595,16 @@ async fn forward(
         });
     }
 
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // hyper leaves an upgrade handle on HTTP/1.1 requests that carry `Upgrade` only: the
+    // header check is not paid by other requests.
+    let upgrade = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .and_then(|client| {
+            tunnel::websocket_upgrade(&parts.method, parts.version, &parts.headers)
+                .map(|protocol| (client, protocol))
+        });
     let host = request_host_value(&parts.uri, &parts.headers);
     let original_path = parts.uri.path();
     let new_path = if route.strip_prefix {
@@ -636,6 +658,35 @@ async fn forward(
             body,
         )
         .await;
+    }
+
+    if let Some((client, protocol)) = upgrade {
+        let forwarding = hop.forwarding_fields(&mut headers, ctx, present);
+        // Back in, after `strip_request` removed them as hop-by-hop: this hop asks too.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+        let mut forwarded = send_to_origin(
+            route,
+            route.group_for(&parts.method),
+            &ctx.request_id,
+            ctx.location.point,
+            &parts.method,
+            &path_and_query,
+            headers,
+            &forwarding,
+            OutgoingBody::Stream(body),
+        )
+        .await?;
+        let switched = forwarded
+            .response
+            .extensions_mut()
+            .remove::<Switched>()
+            .and_then(|s| s.take());
+        if let Some(origin) = switched {
+            let idle = snap.config.server.tunnel_idle_timeout;
+            conn.set_tunnel(Box::pin(tunnel::join(client, origin, idle)));
+        }
+        return Ok(forwarded);
     }
 
     if let Some(policy) = &route.outbox
@@ -1125,11 +1176,17 @@ pub(crate) async fn send_to_origin(
             )
             .await;
         match sent {
-            // This node never asks an origin to switch protocols (`Upgrade` is not forwarded).
-            Ok((response, _)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            // Our HTTP/1.1 client returns a 101 only to a request that asked for it, with the
+            // connection in `Switched`; a 101 without an `Upgrade` to pass on is broken too.
+            Ok((response, _))
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && (response.extensions().get::<Switched>().is_none()
+                        || !response.headers().contains_key(header::UPGRADE)) =>
+            {
                 return Err(ProxyError::OriginBroken {
                     endpoint: endpoint.authority.to_string(),
-                    reason: "it switched protocols, which was not asked".into(),
+                    reason: "it switched protocols, which was not asked, or named no protocol"
+                        .into(),
                 });
             }
             // hyper removes only `chunked`; any other transfer coding (gzip, chunked) would reach

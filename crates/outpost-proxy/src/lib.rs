@@ -9,6 +9,7 @@
 //! - [`filters`]: hop-by-hop stripping, forwarded headers, `Via`, `X-Served-By`, `Server-Timing`.
 //! - [`error`]: every failure with its source and HTTP status, as problem+json.
 //! - [`alarm`]: per-connection timers, re-armed lazily (header-read and response timeouts).
+//! - [`tunnel`]: WebSocket upgrades: the client's and origin's connections joined after a 101.
 //! - [`body`]: streaming body wrappers (limits, replay for failover, completion hooks).
 //! - [`events`]: `POST /.well-known/outpost/events`, analytics batches into the node's
 //!   analytics store (answered by the node, never forwarded).
@@ -29,6 +30,7 @@ pub mod outbox;
 pub mod routing;
 pub mod server;
 pub mod tls;
+pub mod tunnel;
 
 pub use node::{BuildError, Node, Snapshot};
 pub use server::{Server, ServerError};

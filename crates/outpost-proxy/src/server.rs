@@ -447,6 +447,7 @@ impl Server {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let node = self.node.clone();
+        let switched = conn.clone();
         // Ends the stall watch's task with the connection (not with shutdown: stalled streams
         // are still cut while the node drains).
         let done = CancellationToken::new();
@@ -478,6 +479,12 @@ impl Server {
                 connection.as_mut().graceful_shutdown();
                 let _ = connection.await;
             }
+        }
+        // A WebSocket: hyper has written the 101 and handed the connection over. The tunnel
+        // runs here, on the connection's task, so that it holds its permit and drain waits
+        // for it (up to drain_timeout).
+        if let Some(tunnel) = switched.take_tunnel() {
+            tunnel.await;
         }
     }
 }

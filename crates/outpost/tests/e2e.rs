@@ -17,6 +17,8 @@ mod functions;
 mod guard;
 #[path = "e2e/outbox.rs"]
 mod outbox;
+#[path = "e2e/websocket.rs"]
+mod websocket;
 
 use std::time::Duration;
 

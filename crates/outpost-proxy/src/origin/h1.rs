@@ -271,6 +271,9 @@ pub async fn exchange(
         Ok(p) => p,
         Err(e) => return Err(failure(e, out)),
     };
+    if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
+        return switched(conn, head, parsed, out).map_err(|(e, out)| failure(e, out));
+    }
     let head_request = head.method == Method::HEAD;
     let (framing, keep_alive) = match framing(head_request, &mut parsed) {
         Ok(f) => f,
@@ -291,6 +294,62 @@ pub async fn exchange(
         origin_body.finish();
     }
     Ok(response.map(|()| http_body_util::BodyExt::boxed_unsync(origin_body)))
+}
+
+/// A 101 answer: the connection leaves HTTP/1.1 and goes out with the response, in a
+/// [`Switched`] extension, with whatever the origin sent after its head. Only a request that
+/// asked to switch (`Upgrade`), and went out whole, may be answered so: the bytes that follow
+/// belong to a protocol this side knows nothing of, so a surprise switch is a broken exchange.
+fn switched(
+    conn: Conn,
+    head: &request::Parts,
+    parsed: ParsedHead,
+    out: Outgoing,
+) -> Result<Response<ProxyBody>, (ExchangeError, Outgoing)> {
+    if !head.headers.contains_key(header::UPGRADE) {
+        return Err((
+            ExchangeError::Malformed("the origin switched protocols, which was not asked"),
+            out,
+        ));
+    }
+    if !out.is_complete() {
+        return Err((
+            ExchangeError::Malformed("the origin switched protocols before the request went out"),
+            out,
+        ));
+    }
+    let mut response = Response::new(crate::body::empty());
+    *response.status_mut() = parsed.status;
+    *response.version_mut() = parsed.version;
+    *response.headers_mut() = parsed.headers;
+    response
+        .extensions_mut()
+        .insert(Switched(Arc::new(std::sync::Mutex::new(Some((
+            conn.io, conn.buf,
+        ))))));
+    Ok(response)
+}
+
+/// The origin's side of a switched connection (a `101 Switching Protocols` answer): the
+/// stream, and the bytes already read past the 101 head, which come first. In the response's
+/// extensions, which must be `Clone`: the first [`Switched::take`] gets it.
+#[derive(Clone)]
+pub struct Switched(Arc<std::sync::Mutex<Option<(Stream, BytesMut)>>>);
+
+impl std::fmt::Debug for Switched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Switched").finish_non_exhaustive()
+    }
+}
+
+impl Switched {
+    /// The stream and the bytes read ahead, once.
+    pub fn take(&self) -> Option<(Stream, BytesMut)> {
+        match self.0.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
 }
 
 /// Whether a request with this method and no body states `Content-Length: 0` (RFC 9110 §8.6:
@@ -1426,6 +1485,78 @@ mod tests {
                 other => panic!("answer {i}: {other:?}"),
             }
         }
+    }
+
+    /// A 101 hands the connection out with the bytes read past its head, to a request that
+    /// asked to switch; the same answer to a request that did not ask is a broken exchange, and
+    /// an interim 100 before the 101 is skipped as usual.
+    #[tokio::test]
+    async fn a_switch_hands_the_connection_out_only_when_asked() {
+        let (addr, _) = origin(|_, mut sock| async move {
+            let mut pending = Vec::new();
+            let Some((head, _)) = read_request(&mut sock, &mut pending).await else {
+                return;
+            };
+            let asked = head
+                .to_ascii_lowercase()
+                .contains("\r\nupgrade: websocket\r\n");
+            let _ = sock
+                .write_all(
+                    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\
+                      Upgrade: websocket\r\nConnection: Upgrade\r\n\r\nfirst",
+                )
+                .await;
+            if !asked {
+                return;
+            }
+            // Echo what comes next, in the new protocol (no HTTP framing), prefixed.
+            let mut buf = [0u8; 64];
+            while let Ok(n) = sock.read(&mut buf).await {
+                if n == 0 || sock.write_all(&[b"<", &buf[..n]].concat()).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        let pool = pool(addr);
+
+        match bodiless(&pool, Method::GET).await {
+            Err(PoolError::Exchange(ExchangeError::Malformed(why))) => {
+                assert!(why.contains("not asked"), "{why}");
+            }
+            other => panic!("an unasked switch: {other:?}"),
+        }
+
+        let mut req = request(Method::GET, body::empty());
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        req.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let resp = pool.send(req, &[], far()).await.expect("switch");
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(resp.headers()[header::UPGRADE], "websocket");
+        let switched = resp
+            .extensions()
+            .get::<Switched>()
+            .expect("the connection comes with the 101");
+        let (mut io, read_ahead) = switched.take().expect("first take");
+        assert!(switched.take().is_none(), "taken once");
+        let mut got = read_ahead.to_vec();
+        while got.len() < b"first".len() {
+            let mut buf = [0u8; 16];
+            let n = io.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before the first bytes");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"first", "bytes after the 101 head come first");
+        io.write_all(b"ping").await.expect("write");
+        let mut echo = [0u8; 5];
+        io.read_exact(&mut echo).await.expect("echo");
+        assert_eq!(&echo, b"<ping");
+        assert!(
+            pool.idle_for_test().is_empty(),
+            "a switched connection never goes back to the pool"
+        );
     }
 
     #[tokio::test]

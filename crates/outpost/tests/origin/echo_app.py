@@ -46,6 +46,12 @@ Endpoints
     images of the resize guest function (examples/functions/resize).
 ``GET /control/count/images/{name}``
     ``{"n": n}``: requests ``/images/{name}`` received.
+``WebSocket /ws/echo``
+    Accepts (echoing the first subprotocol offered, if any), sends one text
+    message, the JSON ``{"path", "query", "headers", "region"}`` of the
+    handshake as the origin saw it, then echoes every text and binary
+    message until the client closes; ``bye`` makes the origin close with
+    code 4000.
 ``GET /healthz``
     200 ``{"ok": true, "region": R}``, or 503 while marked unhealthy.
 ``POST /control/health`` ``{"healthy": bool}``
@@ -67,7 +73,7 @@ import struct
 import zlib
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Path, Query, Request, Response
+from fastapi import FastAPI, Path, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -280,6 +286,34 @@ async def response_headers(request: Request) -> Response:
     for name, value in items:
         response.headers.append(name, value)
     return response
+
+
+@app.websocket("/ws/echo")
+async def ws_echo(ws: WebSocket) -> None:
+    offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    await ws.accept(subprotocol=offered[0] if offered else None)
+    await ws.send_json(
+        {
+            "path": ws.url.path,
+            "query": ws.url.query,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in ws.scope["headers"]],
+            "region": REGION,
+        }
+    )
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") == "bye":
+                await ws.close(code=4000)
+                return
+            if message.get("text") is not None:
+                await ws.send_text(message["text"])
+            elif message.get("bytes") is not None:
+                await ws.send_bytes(message["bytes"])
+    except WebSocketDisconnect:
+        return
 
 
 @app.get("/healthz")

@@ -198,3 +198,20 @@ def test_images_unknown_extension_is_404(client, name):
     r = client.get(f"/images/{name}")
     assert r.status_code == 404
     assert client.get(f"/control/count/images/{name}").json()["n"] >= 1
+
+
+def test_ws_echo(client):
+    with client.websocket_connect("/ws/echo?x=1", subprotocols=["chat", "other"]) as ws:
+        assert ws.accepted_subprotocol == "chat"
+        hello = ws.receive_json()
+        assert hello["path"] == "/ws/echo"
+        assert hello["query"] == "x=1"
+        assert hello["region"] == "test"
+        ws.send_text("héllo")
+        assert ws.receive_text() == "héllo"
+        ws.send_bytes(b"\x00\x01\xff")
+        assert ws.receive_bytes() == b"\x00\x01\xff"
+        ws.send_text("bye")
+        closed = ws.receive()
+        assert closed["type"] == "websocket.close"
+        assert closed["code"] == 4000

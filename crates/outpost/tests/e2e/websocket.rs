@@ -1,0 +1,203 @@
+//! WebSocket through the edge: a real client (tokio-tungstenite) to a real FastAPI WebSocket
+//! endpoint (uvicorn + websockets) through `outpost serve`.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderMap;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::support::*;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn node_with(server: &str, route: &str) -> (Origin, Node) {
+    let origin = Origin::echo("us-west").await;
+    let node = Node::start(
+        &NodeConfig::new()
+            .raw(server)
+            .origin("api", &[(&origin, PORTLAND)], "")
+            .route("api", "/", "api", route),
+    )
+    .await;
+    (origin, node)
+}
+
+/// Opens `/ws/echo` through the node, offering the `chat` subprotocol and a forged internal
+/// header; returns the socket, the 101's headers and the origin's first message (what it saw).
+async fn open(node: &Node) -> (Socket, HeaderMap, Value) {
+    let mut req = format!("ws://{}/ws/echo?room=7", node.addr)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "chat, other".parse().expect("v"));
+    req.headers_mut()
+        .insert("x-served-by", "forged".parse().expect("v"));
+    let (mut ws, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake");
+    let hello = match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str(t.as_str()).expect("json"),
+        other => panic!("expected the origin's hello, got {other:?}"),
+    };
+    (ws, resp.headers().clone(), hello)
+}
+
+async fn next(ws: &mut Socket) -> Message {
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        Ok(Some(Ok(m))) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_frames_go_both_ways_through_the_edge() {
+    let (_origin, node) = node_with("", "").await;
+    let (mut ws, headers, hello) = open(&node).await;
+
+    // The 101 is the node's: its own fields, the origin's choice of subprotocol.
+    assert_eq!(headers["x-served-by"], "test-node");
+    assert_eq!(headers["sec-websocket-protocol"], "chat");
+    assert!(headers.contains_key("x-request-id"));
+    assert!(
+        headers["via"]
+            .to_str()
+            .expect("ascii")
+            .contains("test-node"),
+        "{headers:?}"
+    );
+
+    // The handshake reached the origin like any request: forwarding fields, no forged ones.
+    assert_eq!(hello["path"], "/ws/echo");
+    assert_eq!(hello["query"], "room=7");
+    assert_eq!(echoed(&hello, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(echoed(&hello, "x-forwarded-proto"), ["http"]);
+    assert_eq!(echoed(&hello, "upgrade"), ["websocket"]);
+    assert_eq!(echoed(&hello, "connection"), ["upgrade"]);
+    assert_eq!(echoed(&hello, "x-served-by"), Vec::<&str>::new());
+    assert_eq!(echoed(&hello, "x-request-id").len(), 1);
+    assert_eq!(echoed(&hello, "traceparent").len(), 1);
+    assert!(echoed(&hello, "via")[0].contains("test-node"), "{hello}");
+
+    ws.send(Message::text("héllo, edge")).await.expect("send");
+    assert_eq!(next(&mut ws).await, Message::text("héllo, edge"));
+    // Larger than any one read on either side, both ways.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.expect("send");
+    assert_eq!(next(&mut ws).await, Message::binary(big));
+    for i in 0..50 {
+        ws.send(Message::text(format!("m{i}"))).await.expect("send");
+    }
+    for i in 0..50 {
+        assert_eq!(next(&mut ws).await, Message::text(format!("m{i}")));
+    }
+
+    // The origin's close (code 4000) reaches the client through the tunnel.
+    ws.send(Message::text("bye")).await.expect("send");
+    match next(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::from(4000)),
+        other => panic!("expected the origin's close, got {other:?}"),
+    }
+
+    // The switch is counted under the route, as a 1xx, when the 101 went out.
+    let switches = node
+        .metric(r#"outpost_http_requests_total{route="api",status_class="1xx"}"#)
+        .await;
+    assert_eq!(switches, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_websocket_is_closed_after_the_idle_timeout() {
+    let (_origin, node) = node_with("[server]\ntunnel_idle_timeout = \"1s\"\n", "").await;
+    let (mut ws, _, _) = open(&node).await;
+    ws.send(Message::text("still here")).await.expect("send");
+    assert_eq!(next(&mut ws).await, Message::text("still here"));
+    let last_byte = Instant::now();
+    // Nothing more either way: the node closes both sides (no close frame: it does not speak
+    // WebSocket, it only carries it).
+    let end = tokio::time::timeout(Duration::from_secs(20), ws.next())
+        .await
+        .expect("closed by the node within 20 s");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{end:?}"
+    );
+    assert!(
+        last_byte.elapsed() >= Duration::from_millis(900),
+        "closed {:?} after the last byte, before the 1 s idle timeout",
+        last_byte.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrades_other_than_websocket_are_answered_as_plain_requests() {
+    let (_origin, node) = node_with("", "").await;
+    let raw = raw_exchange(
+        node.addr,
+        b"GET /echo/h2c HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200 "), "{raw}");
+    let body = &raw[raw.find("\r\n\r\n").expect("head end") + 4..];
+    let echo: Value = serde_json::from_str(body).expect("json body");
+    for gone in ["upgrade", "http2-settings", "connection"] {
+        assert_eq!(echoed(&echo, gone), Vec::<&str>::new(), "{gone}: {echo}");
+    }
+
+    // A WebSocket handshake on a route that answers by itself is answered, not switched.
+    let (_origin, node) = node_with(
+        "",
+        "respond = { status = 200, body = \"fixed\", content_type = \"text/plain\" }",
+    )
+    .await;
+    let raw = raw_exchange(
+        node.addr,
+        b"GET /ws/echo HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Connection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200 "), "{raw}");
+    assert!(raw.ends_with("fixed"), "{raw}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_websocket_keeps_working_while_the_node_drains() {
+    let (_origin, mut node) = node_with("[server]\ndrain_timeout = \"2s\"\n", "").await;
+    let (mut ws, _, _) = open(&node).await;
+    node.signal(libc::SIGTERM);
+    // The listener is closed for new work, but the tunnel is an exchange in flight.
+    eventually("/readyz says draining", Duration::from_secs(10), || async {
+        client()
+            .get(node.admin_url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    ws.send(Message::text("during the drain"))
+        .await
+        .expect("send");
+    assert_eq!(next(&mut ws).await, Message::text("during the drain"));
+    // At drain_timeout the node exits, cleanly, and the tunnel goes with it.
+    let status = node.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}");
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("the tunnel ends with the node");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{end:?}"
+    );
+}
