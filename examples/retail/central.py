@@ -18,7 +18,7 @@ Environment:
 
 Endpoints: ``GET /healthz``, ``GET /products``, ``GET /products/{sku}``,
 ``GET /prices/{sku}``, ``POST /sales``, ``GET /sales``, ``GET /sales/count``,
-``POST /analytics/summaries`` and ``GET /analytics/totals``.
+``WebSocket /live/sales``, ``POST /analytics/summaries`` and ``GET /analytics/totals``.
 
 ``POST /sales`` honours the ``Idempotency-Key`` header that an Outpost edge sends with every
 delivery of a sale it queued in its outbox while this service was unreachable: the sale row
@@ -35,8 +35,9 @@ counted once. An older version arriving after a newer one is ignored.
 
 from __future__ import annotations
 
-import os
+import asyncio
 import json
+import os
 import sqlite3
 import tempfile
 import uuid
@@ -44,7 +45,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timezone
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, WebSocket, status
 from fastapi.responses import JSONResponse
 from outpost_fastapi import (
     EdgeIdentity,
@@ -289,12 +290,37 @@ def list_sales() -> list[Sale]:
     return [Sale(**dict(row)) for row in rows]
 
 
+def _count_sales() -> int:
+    with closing(connect()) as conn:
+        (n,) = conn.execute("SELECT COUNT(*) FROM sales").fetchone()
+    return n
+
+
 @app.get("/sales/count")
 def count_sales() -> dict[str, int]:
     """How many sales are stored (e.g. to check that redelivered sales were applied once)."""
-    with closing(connect()) as conn:
-        (n,) = conn.execute("SELECT COUNT(*) FROM sales").fetchone()
-    return {"count": n}
+    return {"count": _count_sales()}
+
+
+@app.websocket("/live/sales")
+async def live_sales(ws: WebSocket) -> None:
+    """A store dashboard's live feed: ``{"region", "sales"}``, the number of sales stored, on
+    connect and whenever it changes (looked at twice a second), until the client leaves.
+    Through the edge it is a WebSocket like any other: the node sends the handshake to the
+    nearest healthy region and carries the frames both ways."""
+    await ws.accept()
+    last = None
+    while True:
+        n = await asyncio.to_thread(_count_sales)
+        if n != last:
+            await ws.send_json({"region": REGION, "sales": n})
+            last = n
+        try:
+            message = await asyncio.wait_for(ws.receive(), timeout=0.5)
+        except asyncio.TimeoutError:
+            continue
+        if message["type"] == "websocket.disconnect":
+            return
 
 
 # --- analytics ---------------------------------------------------------------

@@ -316,3 +316,11 @@ def test_analytics_summary_must_be_well_formed(client):
     del bad["types"]
     assert client.post("/analytics/summaries", json=bad).status_code == 422
 
+
+
+def test_live_sales_feed_follows_new_sales(client):
+    with client.websocket_connect("/live/sales") as ws:
+        assert ws.receive_json() == {"region": central.REGION, "sales": 0}
+        sale = {"store_id": "store-1", "sku": "TEA-001", "quantity": 1, "unit_price_cents": 450}
+        assert client.post("/sales", json=sale).status_code == 201
+        assert ws.receive_json() == {"region": central.REGION, "sales": 1}

@@ -24,7 +24,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Removes hop-by-hop fields, including every field the `Connection` header names.
-/// `Upgrade` goes too: this node does not tunnel upgraded protocols.
+/// `Upgrade` goes too: the handler puts it back on a WebSocket handshake (`crate::tunnel`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip_matching(headers, |_| false);
 }
