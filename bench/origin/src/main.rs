@@ -25,6 +25,10 @@
 //! Every path other than `/__count` gets the same body: a cache in front keys
 //! its entries by path, which is all a benchmark needs from an object set.
 //!
+//! A WebSocket handshake (`Upgrade: websocket`, any path) is accepted, and every
+//! text or binary message on it is sent back as it came (`bench/websocket.sh`,
+//! with `outpost-bench-wsload` as the client).
+//!
 //! It runs on a current-thread Tokio runtime: one thread polls the reactor and
 //! every connection task, so a wake-up goes to a plain local run queue, with no
 //! work-stealing queues, no search for a parked worker to notify and no second
@@ -42,13 +46,17 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HeaderValue, UPGRADE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
 
 /// Body length when `BODY_BYTES` is not given.
 const DEFAULT_BODY_BYTES: usize = 1024;
@@ -185,7 +193,10 @@ async fn serve(addr: SocketAddr, responder: Responder) -> Result<(), Box<dyn std
 
         let responder = responder.clone();
         let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-            let response = responder.respond(&req);
+            let response = match websocket_accept(&req) {
+                Some(accept) => switch(req, accept),
+                None => responder.respond(&req),
+            };
             async move { Ok::<_, Infallible>(response) }
         });
 
@@ -193,7 +204,8 @@ async fn serve(addr: SocketAddr, responder: Responder) -> Result<(), Box<dyn std
             // Keep-alive is on by default in hyper's HTTP/1 server.
             let conn = http1::Builder::new()
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             if let Err(e) = conn.await {
                 // A client closing mid-request is normal at the end of a run.
                 if !e.is_incomplete_message() {
@@ -202,4 +214,40 @@ async fn serve(addr: SocketAddr, responder: Responder) -> Result<(), Box<dyn std
             }
         });
     }
+}
+
+/// The `Sec-WebSocket-Accept` for a WebSocket handshake (RFC 6455 §4.2.2), or `None` when the
+/// request is not one.
+fn websocket_accept(req: &Request<hyper::body::Incoming>) -> Option<HeaderValue> {
+    let upgrade = req.headers().get(UPGRADE)?;
+    if !upgrade.as_bytes().eq_ignore_ascii_case(b"websocket") {
+        return None;
+    }
+    let key = req.headers().get("sec-websocket-key")?;
+    HeaderValue::from_str(&derive_accept_key(key.as_bytes())).ok()
+}
+
+/// Answers `101` and, once hyper hands the connection over, echoes every text and binary
+/// message until the client closes.
+fn switch(mut req: Request<hyper::body::Incoming>, accept: HeaderValue) -> Response<Full<Bytes>> {
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(message)) = ws.next().await {
+            if (message.is_binary() || message.is_text()) && ws.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert("sec-websocket-accept", accept);
+    response
 }

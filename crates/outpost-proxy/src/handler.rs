@@ -660,35 +660,6 @@ async fn forward(
         .await;
     }
 
-    if let Some((client, protocol)) = upgrade {
-        let forwarding = hop.forwarding_fields(&mut headers, ctx, present);
-        // Back in, after `strip_request` removed them as hop-by-hop: this hop asks too.
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, protocol);
-        let mut forwarded = send_to_origin(
-            route,
-            route.group_for(&parts.method),
-            &ctx.request_id,
-            ctx.location.point,
-            &parts.method,
-            &path_and_query,
-            headers,
-            &forwarding,
-            OutgoingBody::Stream(body),
-        )
-        .await?;
-        let switched = forwarded
-            .response
-            .extensions_mut()
-            .remove::<Switched>()
-            .and_then(|s| s.take());
-        if let Some(origin) = switched {
-            let idle = snap.config.server.tunnel_idle_timeout;
-            conn.set_tunnel(Box::pin(tunnel::join(client, origin, idle)));
-        }
-        return Ok(forwarded);
-    }
-
     if let Some(policy) = &route.outbox
         && !parts.method.is_safe()
     {
@@ -706,20 +677,41 @@ async fn forward(
         .await;
     }
 
-    let Some(rc) = &route.cache else {
-        let forwarding = hop.forwarding_fields(&mut headers, ctx, present);
-        return send_to_origin(
-            route,
-            route.group_for(&parts.method),
-            &ctx.request_id,
-            ctx.location.point,
-            &parts.method,
-            &path_and_query,
-            headers,
-            &forwarding,
-            OutgoingBody::Stream(body),
-        )
-        .await;
+    // Straight to the origin: routes without a cache, and WebSocket handshakes on any route
+    // (an outbox route too: a handshake is a GET).
+    let rc = match &route.cache {
+        Some(rc) if upgrade.is_none() => rc,
+        _ => {
+            let forwarding = hop.forwarding_fields(&mut headers, ctx, present);
+            if let Some((_, protocol)) = &upgrade {
+                // Back in, after `strip_request` removed them as hop-by-hop: this hop asks too.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::UPGRADE, protocol.clone());
+            }
+            let mut forwarded = send_to_origin(
+                route,
+                route.group_for(&parts.method),
+                &ctx.request_id,
+                ctx.location.point,
+                &parts.method,
+                &path_and_query,
+                headers,
+                &forwarding,
+                OutgoingBody::Stream(body),
+            )
+            .await?;
+            if let Some((client, _)) = upgrade
+                && let Some(origin) = forwarded
+                    .response
+                    .extensions_mut()
+                    .remove::<Switched>()
+                    .and_then(|s| s.take())
+            {
+                let idle = snap.config.server.tunnel_idle_timeout;
+                conn.set_tunnel(Box::pin(tunnel::join(client, origin, idle)));
+            }
+            return Ok(forwarded);
+        }
     };
     let client_pq = parts
         .uri

@@ -111,7 +111,7 @@ async fn silence(last: &AtomicU64, started: Instant, idle: Duration) {
     }
 }
 
-/// One side of a tunnel, noting when bytes last moved through it.
+/// One side of a tunnel, noting when bytes last arrived on it.
 struct Active<'a, T> {
     io: T,
     last: &'a AtomicU64,
@@ -147,12 +147,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Active<'_, T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.moved();
-        }
-        polled
+        // Every byte written was read first, and noted then: one clock read per piece.
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

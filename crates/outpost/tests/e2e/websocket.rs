@@ -58,6 +58,19 @@ async fn next(ws: &mut Socket) -> Message {
     }
 }
 
+/// Waits (20 s at most, `what` otherwise) for the socket to end with no more data: the node
+/// closed the connection (it sends no close frame of its own: it carries WebSocket, it does not
+/// speak it).
+async fn ends_without_data(ws: &mut Socket, what: &str) {
+    let end = tokio::time::timeout(Duration::from_secs(20), ws.next())
+        .await
+        .expect(what);
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{what}: {end:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_frames_go_both_ways_through_the_edge() {
     let (_origin, node) = node_with("", "").await;
@@ -121,15 +134,8 @@ async fn a_silent_websocket_is_closed_after_the_idle_timeout() {
     ws.send(Message::text("still here")).await.expect("send");
     assert_eq!(next(&mut ws).await, Message::text("still here"));
     let last_byte = Instant::now();
-    // Nothing more either way: the node closes both sides (no close frame: it does not speak
-    // WebSocket, it only carries it).
-    let end = tokio::time::timeout(Duration::from_secs(20), ws.next())
-        .await
-        .expect("closed by the node within 20 s");
-    assert!(
-        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
-        "{end:?}"
-    );
+    // Nothing more either way: the node closes both sides.
+    ends_without_data(&mut ws, "closed by the node within 20 s").await;
     assert!(
         last_byte.elapsed() >= Duration::from_millis(900),
         "closed {:?} after the last byte, before the 1 s idle timeout",
@@ -193,11 +199,5 @@ async fn an_open_websocket_keeps_working_while_the_node_drains() {
     // At drain_timeout the node exits, cleanly, and the tunnel goes with it.
     let status = node.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "{status:?}");
-    let end = tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("the tunnel ends with the node");
-    assert!(
-        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
-        "{end:?}"
-    );
+    ends_without_data(&mut ws, "the tunnel ends with the node").await;
 }
