@@ -601,10 +601,7 @@ async fn forward(
     let upgrade = parts
         .extensions
         .remove::<hyper::upgrade::OnUpgrade>()
-        .and_then(|client| {
-            tunnel::websocket_upgrade(&parts.method, parts.version, &parts.headers)
-                .map(|protocol| (client, protocol))
-        });
+        .filter(|_| tunnel::is_websocket_handshake(&parts.method, parts.version, &parts.headers));
     let host = request_host_value(&parts.uri, &parts.headers);
     let original_path = parts.uri.path();
     let new_path = if route.strip_prefix {
@@ -683,10 +680,11 @@ async fn forward(
         Some(rc) if upgrade.is_none() => rc,
         _ => {
             let forwarding = hop.forwarding_fields(&mut headers, ctx, present);
-            if let Some((_, protocol)) = &upgrade {
-                // Back in, after `strip_request` removed them as hop-by-hop: this hop asks too.
+            if upgrade.is_some() {
+                // Back in, after `strip_request` removed them as hop-by-hop: this hop asks too,
+                // for WebSocket only (see `tunnel`).
                 headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                headers.insert(header::UPGRADE, protocol.clone());
+                headers.insert(header::UPGRADE, tunnel::WEBSOCKET);
             }
             let mut forwarded = send_to_origin(
                 route,
@@ -700,7 +698,7 @@ async fn forward(
                 OutgoingBody::Stream(body),
             )
             .await?;
-            if let Some((client, _)) = upgrade
+            if let Some(client) = upgrade
                 && let Some(origin) = forwarded
                     .response
                     .extensions_mut()
@@ -1169,16 +1167,16 @@ pub(crate) async fn send_to_origin(
             .await;
         match sent {
             // Our HTTP/1.1 client returns a 101 only to a request that asked for it, with the
-            // connection in `Switched`; a 101 without an `Upgrade` to pass on is broken too.
+            // connection in `Switched`; a switch to anything but the WebSocket offered is
+            // broken too (the connection is dropped with the response).
             Ok((response, _))
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS
                     && (response.extensions().get::<Switched>().is_none()
-                        || !response.headers().contains_key(header::UPGRADE)) =>
+                        || !tunnel::switched_to_websocket(response.headers())) =>
             {
                 return Err(ProxyError::OriginBroken {
                     endpoint: endpoint.authority.to_string(),
-                    reason: "it switched protocols, which was not asked, or named no protocol"
-                        .into(),
+                    reason: "it switched protocols unasked, or to another than websocket".into(),
                 });
             }
             // hyper removes only `chunked`; any other transfer coding (gzip, chunked) would reach

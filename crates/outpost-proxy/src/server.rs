@@ -467,24 +467,30 @@ impl Server {
                 })
             }
         });
-        let connection = builder.serve_connection_with_upgrades(io, svc);
-        tokio::pin!(connection);
-        tokio::select! {
-            res = connection.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "Connection ended with an error.");
+        let ended = {
+            let connection = builder.serve_connection_with_upgrades(io, svc);
+            tokio::pin!(connection);
+            tokio::select! {
+                res = connection.as_mut() => res,
+                () = self.shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
                 }
             }
-            () = self.shutdown.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
+            // hyper's connection is dropped here: on an error it would otherwise keep the
+            // pending upgrade of a 101 it failed to write, and the tunnel would wait for it.
+        };
+        let tunnel = switched.take_tunnel();
+        match ended {
+            // A WebSocket: hyper has written the 101 and handed the connection over. The
+            // tunnel runs here, on the connection's task, so that it holds its permit and the
+            // drain waits for it (up to drain_timeout).
+            Ok(()) => {
+                if let Some(tunnel) = tunnel {
+                    tunnel.await;
+                }
             }
-        }
-        // A WebSocket: hyper has written the 101 and handed the connection over. The tunnel
-        // runs here, on the connection's task, so that it holds its permit and drain waits
-        // for it (up to drain_timeout).
-        if let Some(tunnel) = switched.take_tunnel() {
-            tunnel.await;
+            Err(e) => tracing::debug!(error = %e, "Connection ended with an error."),
         }
     }
 }

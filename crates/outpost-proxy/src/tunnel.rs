@@ -1,13 +1,16 @@
 //! WebSocket: an HTTP/1.1 request that asks to switch to `websocket` (RFC 6455 §4.1) goes to
-//! the origin with its `Connection: upgrade` and `Upgrade`, through the same guards, endpoint
-//! choice, forwarding fields and failover as any request. When the origin answers
-//! `101 Switching Protocols`, the client's connection and the origin's are joined and bytes are
-//! copied both ways, unread, until either side closes or neither has sent anything for
-//! `[server] tunnel_idle_timeout`.
+//! the origin with `Connection: upgrade` and `Upgrade: websocket`, through the same guards,
+//! endpoint choice, forwarding fields and failover as any request. When the origin answers
+//! `101 Switching Protocols` to `websocket`, the client's connection and the origin's are
+//! joined and bytes are copied both ways, unread, until either side closes or neither has sent
+//! anything for `[server] tunnel_idle_timeout`.
 //!
-//! Only `websocket` is tunnelled: other upgrades (`h2c`, `TLS/1.0`) concern the hop they are
-//! sent on, so `Upgrade` is removed from them as a hop-by-hop field and they are answered as
-//! plain requests, as before. A cached or function route never switches.
+//! Only `websocket` is offered to the origin, whatever else the client listed: other upgrades
+//! (`h2c`, `TLS/1.0`) concern the hop they are sent on, and a switch to `h2c` would let a
+//! client speak HTTP/2 to the origin past every stage of this node. A 101 to anything but
+//! `websocket` is a broken answer (502). Requests that are not a WebSocket handshake lose
+//! `Upgrade` as a hop-by-hop field and are answered as plain requests, as before. On a cached
+//! route a handshake goes straight to the origin; a function route never switches.
 //!
 //! The tunnel runs inside the client connection's task, after hyper lets go of the connection
 //! ([`crate::context::ConnInfo::take_tunnel`]): it holds the connection's permit, counts as an
@@ -28,27 +31,43 @@ use tokio::time::Instant;
 
 use crate::origin::h1::Stream;
 
-/// The `Upgrade` value to send on when a request asks for a WebSocket: an HTTP/1.1 `GET`
-/// whose `Connection` lists `upgrade` and whose `Upgrade` lists `websocket`. `None` for every
-/// other request (their `Upgrade` is dropped as hop-by-hop).
-pub fn websocket_upgrade(
-    method: &Method,
-    version: Version,
-    headers: &HeaderMap,
-) -> Option<HeaderValue> {
+/// The protocol a WebSocket handshake switches to, and the only one ever offered to an origin.
+pub const WEBSOCKET: HeaderValue = HeaderValue::from_static("websocket");
+
+/// Whether a request is a WebSocket handshake (RFC 6455 §4.1) to pass on: an HTTP/1.1 `GET`
+/// without a body whose `Connection` lists `upgrade`, whose one `Upgrade` lists `websocket`, and
+/// which carries `Sec-WebSocket-Key` and `Sec-WebSocket-Version`. Every other request loses its
+/// `Upgrade` as a hop-by-hop field.
+pub fn is_websocket_handshake(method: &Method, version: Version, headers: &HeaderMap) -> bool {
     if method != Method::GET || version != Version::HTTP_11 {
-        return None;
+        return false;
     }
     let mut upgrades = headers.get_all(header::UPGRADE).iter();
-    let upgrade = upgrades.next()?;
-    if upgrades.next().is_some() || !lists(upgrade, b"websocket") {
-        return None;
-    }
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| lists(v, b"upgrade"))
-        .then(|| upgrade.clone())
+    let Some(upgrade) = upgrades.next() else {
+        return false;
+    };
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    upgrades.next().is_none()
+        && lists(upgrade, b"websocket")
+        && !has_body
+        && headers.contains_key(header::SEC_WEBSOCKET_KEY)
+        && headers.contains_key(header::SEC_WEBSOCKET_VERSION)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| lists(v, b"upgrade"))
+}
+
+/// Whether an origin's 101 switched to WebSocket, the only protocol it was offered.
+pub fn switched_to_websocket(headers: &HeaderMap) -> bool {
+    let mut upgrades = headers.get_all(header::UPGRADE).iter();
+    upgrades
+        .next()
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"))
+        && upgrades.next().is_none()
 }
 
 /// Whether a comma-separated field value lists `token` (case-insensitive); a protocol may
@@ -63,16 +82,28 @@ fn lists(value: &HeaderValue, token: &[u8]) -> bool {
 /// Joins the client's connection (once hyper has written the 101 and hands it over) with the
 /// origin's, first giving the client what the origin sent past its 101 head, and copies both
 /// ways until one side closes or both are silent for `idle`.
+///
+/// The server runs this only after hyper's connection ended cleanly (and was dropped, which
+/// settles `client` either way); the wait for the hand-over is bounded by `idle` all the same.
 pub async fn join(client: OnUpgrade, (origin, read_ahead): (Stream, BytesMut), idle: Duration) {
-    let client = match client.await {
-        Ok(upgraded) => upgraded,
-        Err(e) => {
+    let client = match tokio::time::timeout(idle, client).await {
+        Ok(Ok(upgraded)) => upgraded,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "The client's connection was not handed over; tunnel not opened.");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(
+                "The client's connection was not handed over in time; tunnel not opened."
+            );
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    if !read_ahead.is_empty() && client.write_all(&read_ahead).await.is_err() {
+    // Flushed: over TLS the bytes would otherwise wait in the session for the next write.
+    if !read_ahead.is_empty()
+        && (client.write_all(&read_ahead).await.is_err() || client.flush().await.is_err())
+    {
         return;
     }
     let started = Instant::now();
@@ -175,9 +206,19 @@ mod tests {
         map
     }
 
+    /// A handshake's fixed fields, with `fields` added.
+    fn handshake(fields: &[(&str, &str)]) -> HeaderMap {
+        let mut all = vec![
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ];
+        all.extend_from_slice(fields);
+        headers(&all)
+    }
+
     #[test]
     fn websocket_handshakes_are_recognised() {
-        let asks = [
+        for fields in [
             vec![("connection", "Upgrade"), ("upgrade", "websocket")],
             vec![
                 ("connection", "keep-alive, Upgrade"),
@@ -188,17 +229,16 @@ mod tests {
                 ("connection", "upgrade"),
                 ("upgrade", "websocket"),
             ],
-            vec![("connection", "upgrade"), ("upgrade", "foo/2, websocket")],
-        ];
-        for fields in asks {
-            let got = websocket_upgrade(&Method::GET, Version::HTTP_11, &headers(&fields));
-            let want = fields
-                .iter()
-                .find(|(n, _)| *n == "upgrade")
-                .map(|(_, v)| *v);
-            assert_eq!(
-                got.as_ref().and_then(|v| v.to_str().ok()),
-                want,
+            // Offered alongside another protocol: only websocket goes on.
+            vec![("connection", "upgrade"), ("upgrade", "h2c, websocket")],
+            vec![
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("content-length", "0"),
+            ],
+        ] {
+            assert!(
+                is_websocket_handshake(&Method::GET, Version::HTTP_11, &handshake(&fields)),
                 "{fields:?}"
             );
         }
@@ -245,12 +285,51 @@ mod tests {
                     ("upgrade", "websocket"),
                 ],
             ),
+            (
+                Method::GET,
+                Version::HTTP_11,
+                [ws.as_slice(), &[("content-length", "5")]].concat(),
+            ),
+            (
+                Method::GET,
+                Version::HTTP_11,
+                [ws.as_slice(), &[("transfer-encoding", "chunked")]].concat(),
+            ),
         ] {
-            assert_eq!(
-                websocket_upgrade(&method, version, &headers(&fields)),
-                None,
+            assert!(
+                !is_websocket_handshake(&method, version, &handshake(&fields)),
                 "{method} {version:?} {fields:?}"
             );
+        }
+        // The handshake's own fields are required too.
+        assert!(!is_websocket_handshake(
+            &Method::GET,
+            Version::HTTP_11,
+            &headers(&ws)
+        ));
+        let no_version = [
+            ws.as_slice(),
+            &[("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")],
+        ]
+        .concat();
+        assert!(!is_websocket_handshake(
+            &Method::GET,
+            Version::HTTP_11,
+            &headers(&no_version)
+        ));
+    }
+
+    #[test]
+    fn only_a_switch_to_websocket_is_taken() {
+        assert!(switched_to_websocket(&headers(&[("upgrade", "websocket")])));
+        assert!(switched_to_websocket(&headers(&[("upgrade", "WebSocket")])));
+        for fields in [
+            vec![],
+            vec![("upgrade", "h2c")],
+            vec![("upgrade", "websocket, h2c")],
+            vec![("upgrade", "websocket"), ("upgrade", "h2c")],
+        ] {
+            assert!(!switched_to_websocket(&headers(&fields)), "{fields:?}");
         }
     }
 

@@ -160,6 +160,42 @@ async fn upgrades_other_than_websocket_are_answered_as_plain_requests() {
         assert_eq!(echoed(&echo, gone), Vec::<&str>::new(), "{gone}: {echo}");
     }
 
+    // A handshake that offers h2c as well as websocket: only websocket reaches the origin, so
+    // a lenient origin cannot be talked into HTTP/2 past the node.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(node.addr)
+            .await
+            .expect("connect");
+        s.write_all(
+            b"GET /ws/echo HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+              Upgrade: h2c, websocket\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut got = Vec::new();
+        let read_hello = async {
+            // The origin's first frame is its JSON view of the handshake; "region" comes last.
+            while !String::from_utf8_lossy(&got).contains("\"region\"") {
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read_hello)
+            .await
+            .expect("the origin's hello in time");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
+        assert!(text.contains(r#"["upgrade","websocket"]"#), "{text}");
+        assert!(
+            !text.contains("h2c") && !text.contains("http2-settings"),
+            "{text}"
+        );
+    }
+
     // A WebSocket handshake on a route that answers by itself is answered, not switched.
     let (_origin, node) = node_with(
         "",
@@ -200,4 +236,39 @@ async fn an_open_websocket_keeps_working_while_the_node_drains() {
     let status = node.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "{status:?}");
     ends_without_data(&mut ws, "the tunnel ends with the node").await;
+}
+
+/// A client that resets its connection while the origin is still answering its handshake: the
+/// 101 cannot be written, and neither the connection nor the origin's side may be held (a cheap
+/// way, otherwise, to use up `max_connections`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handshake_whose_client_is_gone_holds_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let (_origin, node) = node_with("", "").await;
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(node.addr)
+            .await
+            .expect("connect");
+        // One byte past the handshake keeps hyper from watching for the close; then a reset.
+        s.write_all(
+            b"GET /ws/echo HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nx",
+        )
+        .await
+        .expect("write");
+        s.set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(s);
+    }
+    assert!(
+        node.metrics()
+            .await
+            .contains("\noutpost_http_active_connections "),
+        "the gauge this test reads exists"
+    );
+    eventually(
+        "no connection left open",
+        Duration::from_secs(10),
+        || async { node.metric("outpost_http_active_connections ").await == 0.0 },
+    )
+    .await;
 }
