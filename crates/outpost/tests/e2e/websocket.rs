@@ -256,7 +256,7 @@ async fn a_handshake_whose_client_is_gone_holds_nothing() {
         )
         .await
         .expect("write");
-        s.set_linger(Some(Duration::ZERO)).expect("linger");
+        s.set_zero_linger().expect("linger");
         drop(s);
     }
     assert!(
