@@ -706,7 +706,8 @@ async fn forward(
                     .and_then(|s| s.take())
             {
                 let idle = snap.config.server.tunnel_idle_timeout;
-                conn.set_tunnel(Box::pin(tunnel::join(client, origin, idle)));
+                let metrics = node.metrics().clone();
+                conn.set_tunnel(Box::pin(tunnel::join(client, origin, idle, metrics)));
             }
             return Ok(forwarded);
         }

@@ -26,6 +26,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use outpost_telemetry::metrics::Metrics;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
@@ -85,7 +86,12 @@ fn lists(value: &HeaderValue, token: &[u8]) -> bool {
 ///
 /// The server runs this only after hyper's connection ended cleanly (and was dropped, which
 /// settles `client` either way); the wait for the hand-over is bounded by `idle` all the same.
-pub async fn join(client: OnUpgrade, (origin, read_ahead): (Stream, BytesMut), idle: Duration) {
+pub async fn join(
+    client: OnUpgrade,
+    (origin, read_ahead): (Stream, BytesMut),
+    idle: Duration,
+    metrics: Metrics,
+) {
     let client = match tokio::time::timeout(idle, client).await {
         Ok(Ok(upgraded)) => upgraded,
         Ok(Err(e)) => {
@@ -99,6 +105,7 @@ pub async fn join(client: OnUpgrade, (origin, read_ahead): (Stream, BytesMut), i
             return;
         }
     };
+    let _open = metrics.websocket_opened();
     let mut client = TokioIo::new(client);
     // Flushed: over TLS the bytes would otherwise wait in the session for the next write.
     if !read_ahead.is_empty()
@@ -112,21 +119,26 @@ pub async fn join(client: OnUpgrade, (origin, read_ahead): (Stream, BytesMut), i
         io: client,
         last: &last,
         started,
+        read: 0,
     };
     let mut origin = Active {
         io: origin,
         last: &last,
         started,
+        read: 0,
     };
     tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut client, &mut origin) => match copied {
-            Ok((up, down)) => tracing::debug!(up, down, "Tunnel closed."),
+            Ok(_) => tracing::debug!("Tunnel closed."),
             Err(e) => tracing::debug!(error = %e, "Tunnel broken."),
         },
         () = silence(&last, started, idle) => {
             tracing::debug!(idle_secs = idle.as_secs_f64(), "Tunnel closed: idle.");
         }
     }
+    // What each side sent, however the tunnel ended (a read byte may not have been delivered
+    // when it broke).
+    metrics.websocket_bytes(client.read, origin.read + read_ahead.len() as u64);
 }
 
 /// Returns once nothing has moved through the tunnel for `idle` (`last`: milliseconds after
@@ -142,11 +154,12 @@ async fn silence(last: &AtomicU64, started: Instant, idle: Duration) {
     }
 }
 
-/// One side of a tunnel, noting when bytes last arrived on it.
+/// One side of a tunnel, noting when bytes last arrived on it, and how many did.
 struct Active<'a, T> {
     io: T,
     last: &'a AtomicU64,
     started: Instant,
+    read: u64,
 }
 
 impl<T> Active<'_, T> {
@@ -165,7 +178,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Active<'_, T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if matches!(polled, Poll::Ready(Ok(()))) && n > 0 {
+            this.read += n as u64;
             this.moved();
         }
         polled

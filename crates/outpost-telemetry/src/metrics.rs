@@ -126,6 +126,11 @@ struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheStatusLabels {
     route: String,
     status: &'static str,
@@ -161,6 +166,9 @@ pub struct Metrics {
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     active_connections: Gauge,
     connections: Counter,
+    websockets_open: Gauge,
+    websocket_bytes_to_origin: Counter,
+    websocket_bytes_to_client: Counter,
     config_reloads: Family<ResultLabels, Counter>,
     cache_requests: Family<CacheStatusLabels, Counter>,
     cache_bytes: Family<TierLabels, Gauge>,
@@ -329,6 +337,28 @@ impl Metrics {
             "Client connections accepted",
             connections.clone(),
         );
+        let websockets_open = Gauge::default();
+        registry.register(
+            "http_websockets_open",
+            "WebSockets carried now (client connections switched after an origin's 101)",
+            websockets_open.clone(),
+        );
+        let websocket_bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "http_websocket_bytes",
+            "Bytes carried through WebSockets, by direction (to_origin, to_client), counted when each closes",
+            websocket_bytes.clone(),
+        );
+        let websocket_bytes_to_origin = websocket_bytes
+            .get_or_create(&DirectionLabels {
+                direction: "to_origin",
+            })
+            .clone();
+        let websocket_bytes_to_client = websocket_bytes
+            .get_or_create(&DirectionLabels {
+                direction: "to_client",
+            })
+            .clone();
         let config_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "config_reloads",
@@ -501,6 +531,9 @@ impl Metrics {
             endpoint_healthy,
             active_connections,
             connections,
+            websockets_open,
+            websocket_bytes_to_origin,
+            websocket_bytes_to_client,
             config_reloads,
             cache_requests,
             cache_bytes,
@@ -731,6 +764,20 @@ impl Metrics {
         ConnectionGuard {
             gauge: self.active_connections.clone(),
         }
+    }
+
+    /// Counts a WebSocket opening; the returned guard counts it closing.
+    pub fn websocket_opened(&self) -> ConnectionGuard {
+        self.websockets_open.inc();
+        ConnectionGuard {
+            gauge: self.websockets_open.clone(),
+        }
+    }
+
+    /// Adds what a WebSocket carried, once it closed.
+    pub fn websocket_bytes(&self, to_origin: u64, to_client: u64) {
+        self.websocket_bytes_to_origin.inc_by(to_origin);
+        self.websocket_bytes_to_client.inc_by(to_client);
     }
 
     /// Counts a config reload attempt.

@@ -113,18 +113,43 @@ async fn websocket_frames_go_both_ways_through_the_edge() {
         assert_eq!(next(&mut ws).await, Message::text(format!("m{i}")));
     }
 
+    assert_eq!(node.metric("outpost_http_websockets_open ").await, 1.0);
+
     // The origin's close (code 4000) reaches the client through the tunnel.
     ws.send(Message::text("bye")).await.expect("send");
     match next(&mut ws).await {
         Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::from(4000)),
         other => panic!("expected the origin's close, got {other:?}"),
     }
+    // The client's half of the closing handshake goes out as the stream is polled to its end;
+    // then the client closes its side too (the tunnel carries each direction until its own end).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await
+    .expect("the connection ends after the closing handshake");
+    drop(ws);
 
     // The switch is counted under the route, as a 1xx, when the 101 went out.
     let switches = node
         .metric(r#"outpost_http_requests_total{route="api",status_class="1xx"}"#)
         .await;
     assert_eq!(switches, 1.0);
+    // Closed: no longer open, and what it carried is counted, each way.
+    eventually(
+        "the WebSocket counted closed",
+        Duration::from_secs(10),
+        || async { node.metric("outpost_http_websockets_open ").await == 0.0 },
+    )
+    .await;
+    for direction in ["to_origin", "to_client"] {
+        let bytes = node
+            .metric(&format!(
+                "outpost_http_websocket_bytes_total{{direction=\"{direction}\"}}"
+            ))
+            .await;
+        assert!(bytes > 300_000.0, "{direction}: {bytes}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
