@@ -718,6 +718,10 @@ pub struct Route {
     /// request id), verifiable against the node's JWKS.
     #[serde(default)]
     pub forward_identity: bool,
+    /// Carry WebSockets to the origin (handshakes go through the guards; the origin decides);
+    /// `false` answers a handshake as a plain request, without `Upgrade`.
+    #[serde(default = "yes")]
+    pub websocket: bool,
     /// GCRA rate limits; a request must pass all of them.
     #[serde(default)]
     pub rate_limits: Vec<RateLimit>,

@@ -601,7 +601,10 @@ async fn forward(
     let upgrade = parts
         .extensions
         .remove::<hyper::upgrade::OnUpgrade>()
-        .filter(|_| tunnel::is_websocket_handshake(&parts.method, parts.version, &parts.headers));
+        .filter(|_| {
+            route.websocket
+                && tunnel::is_websocket_handshake(&parts.method, parts.version, &parts.headers)
+        });
     let host = request_host_value(&parts.uri, &parts.headers);
     let original_path = parts.uri.path();
     let new_path = if route.strip_prefix {

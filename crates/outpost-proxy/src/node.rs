@@ -36,6 +36,8 @@ pub struct RouteRuntime {
     pub prefix: String,
     /// Whether to strip the prefix.
     pub strip_prefix: bool,
+    /// Whether WebSocket handshakes go to the origin (`crate::tunnel`).
+    pub websocket: bool,
     /// Time allowed for the origin's response head.
     pub timeout: Duration,
     /// Largest request body.
@@ -463,6 +465,7 @@ impl Snapshot {
                 group,
                 prefix: r.path_prefix.clone(),
                 strip_prefix: r.strip_prefix,
+                websocket: r.websocket,
                 max_body: r
                     .max_body_bytes
                     .unwrap_or(config.server.max_body_bytes)

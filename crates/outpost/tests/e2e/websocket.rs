@@ -221,6 +221,21 @@ async fn upgrades_other_than_websocket_are_answered_as_plain_requests() {
         );
     }
 
+    // On a route with `websocket = false`, a handshake is a plain request without `Upgrade`.
+    let (_origin, node) = node_with("", "websocket = false").await;
+    let raw = raw_exchange(
+        node.addr,
+        b"GET /echo/ws HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Connection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200 "), "{raw}");
+    let body = &raw[raw.find("\r\n\r\n").expect("head end") + 4..];
+    let echo: Value = serde_json::from_str(body).expect("json body");
+    assert_eq!(echoed(&echo, "upgrade"), Vec::<&str>::new(), "{echo}");
+
     // A WebSocket handshake on a route that answers by itself is answered, not switched.
     let (_origin, node) = node_with(
         "",
