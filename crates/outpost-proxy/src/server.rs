@@ -468,8 +468,9 @@ impl Server {
             }
         });
         let ended = {
-            let connection = builder.serve_connection_with_upgrades(io, svc);
-            tokio::pin!(connection);
+            // On the heap: the connection's task outlives it when it becomes a WebSocket, and
+            // its future would otherwise keep room for it all that time.
+            let mut connection = Box::pin(builder.serve_connection_with_upgrades(io, svc));
             tokio::select! {
                 res = connection.as_mut() => res,
                 () = self.shutdown.cancelled() => {

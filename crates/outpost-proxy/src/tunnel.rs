@@ -113,6 +113,9 @@ pub async fn join(
     {
         return;
     }
+    // The origin connection's read buffer (8 KiB or more): not kept for the tunnel's life.
+    let sent_ahead = read_ahead.len() as u64;
+    drop(read_ahead);
     let started = Instant::now();
     let last = AtomicU64::new(0);
     let mut client = Active {
@@ -138,7 +141,7 @@ pub async fn join(
     }
     // What each side sent, however the tunnel ended (a read byte may not have been delivered
     // when it broke).
-    metrics.websocket_bytes(client.read, origin.read + read_ahead.len() as u64);
+    metrics.websocket_bytes(client.read, origin.read + sent_ahead);
 }
 
 /// Returns once nothing has moved through the tunnel for `idle` (`last`: milliseconds after
