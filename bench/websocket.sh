@@ -13,6 +13,10 @@
 # and the server's CPU (utime+stime from /proc) per round trip; then outpost/nginx, the median
 # over BENCH_ROUNDS rounds (nginx and outpost back to back in each, order alternating).
 #
+# Then the memory each proxy keeps per open WebSocket: BENCH_HOLD (1000) WebSockets opened
+# through it and held quiet (outpost-bench-wsload --hold); VmRSS of the proxy before and while
+# they are open, divided by their number (BENCH_HOLD=0 skips it).
+#
 # Settings (environment): BENCH_DURATION (seconds, default 10), BENCH_WARMUP (seconds, 2),
 # BENCH_CONNECTIONS (32), BENCH_MESSAGE_BYTES (128), BENCH_ROUNDS (3), BENCH_OUTPOST_BIN (an
 # outpost binary instead of building one), BENCH_SERVER_CPU (0), BENCH_ORIGIN_CPU (1),
@@ -24,6 +28,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 : "${BENCH_MESSAGE_BYTES:=128}"
 : "${BENCH_ROUNDS:=3}"
+: "${BENCH_HOLD:=1000}"
 : "${BENCH_SERVER_CPU:=0}"
 : "${BENCH_ORIGIN_CPU:=1}"
 duration=${BENCH_DURATION%s}
@@ -31,6 +36,7 @@ warmup=${BENCH_WARMUP%s}
 [[ $duration =~ ^[1-9][0-9]*$ ]] || bench_die "BENCH_DURATION must be whole seconds here (got '$BENCH_DURATION')"
 [[ $warmup =~ ^[0-9]+$ ]] || bench_die "BENCH_WARMUP must be whole seconds here (got '$BENCH_WARMUP')"
 [[ $BENCH_ROUNDS =~ ^[1-9][0-9]*$ ]] || bench_die "BENCH_ROUNDS must be a whole number from 1"
+[[ $BENCH_HOLD =~ ^[0-9]+$ ]] || bench_die "BENCH_HOLD must be a whole number (got '$BENCH_HOLD')"
 
 bench_init websocket
 bench_require_tools nginx curl taskset getconf pgrep awk
@@ -58,7 +64,8 @@ mkdir -p "$nginx_dir"
 chmod 755 "$BENCH_TMP" "$nginx_dir"
 nginx_port=$(bench_free_port)
 {
-    bench_nginx_head "$nginx_dir"
+    # Room for BENCH_HOLD WebSockets (two connections each) beyond the shared head's 1024.
+    bench_nginx_head "$nginx_dir" | sed "s/worker_connections 1024;/worker_connections $((2 * BENCH_HOLD + 1024));/"
     cat <<EOF
     upstream origin {
         server 127.0.0.1:$origin_port;
@@ -144,6 +151,34 @@ for ((round = 1; round <= BENCH_ROUNDS; round++)); do
     ratios+=("$(bench_ratio "$outpost_cpu" "$nginx_cpu")")
 done
 
+# --- memory per open WebSocket ------------------------------------------------------------
+MEMORY=()
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+# hold NAME PORT PID: RSS growth of PID while BENCH_HOLD quiet WebSockets are open through it.
+hold() {
+    local name=$1 port=$2 pid=$3 before after log=$BENCH_TMP/hold-$1.log holder
+    before=$(rss_kib "$pid")
+    taskset -c "$BENCH_CLIENT_CPU" "$load_bin" --hold "ws://127.0.0.1:$port/ws" "$BENCH_HOLD" 5 >"$log" 2>&1 &
+    holder=$!
+    for _ in $(seq 600); do
+        grep -q '^open ' "$log" && break
+        kill -0 "$holder" 2>/dev/null || bench_die "$name: could not open $BENCH_HOLD WebSockets: $(tail -n 3 "$log")"
+        sleep 0.1
+    done
+    grep -q '^open ' "$log" || bench_die "$name: $BENCH_HOLD WebSockets not open within 60 s"
+    after=$(rss_kib "$pid")
+    wait "$holder" || true
+    MEMORY+=("$(printf '%-12s %10s %10s %12s' "$name" "$before" "$after" "$(((after - before) * 1024 / BENCH_HOLD))")")
+    printf '{"bench":"websocket","target":"%s-hold","git":"%s","open":%s,"rss_before_kib":%s,"rss_open_kib":%s}\n' \
+        "$name" "$(bench_git_rev)" "$BENCH_HOLD" "$before" "$after" >>"$BENCH_RESULTS_FILE"
+}
+if ((BENCH_HOLD > 0)); then
+    bench_log "memory: $BENCH_HOLD quiet WebSockets held open through each proxy"
+    ((${#nginx_workers[@]} == 1)) || bench_die "expected 1 nginx worker, found ${#nginx_workers[@]}"
+    hold nginx "$nginx_port" "${nginx_workers[0]}"
+    hold outpost "$proxy_port" "$outpost_pid"
+fi
+
 echo
 echo "WebSocket echo, ${BENCH_MESSAGE_BYTES}-byte messages, $BENCH_CONNECTIONS connections, ${duration}s per target;" \
     "proxy on core $BENCH_SERVER_CPU, origin and load on core $BENCH_CLIENT_CPU"
@@ -154,4 +189,10 @@ printf '%s\n' "${ROWS[@]}"
 echo
 median=$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{ v[NR] = $1 } END { printf "%.2f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
 printf 'outpost/nginx  CPU-µs per round trip: %s   (per round: %s)\n' "$median" "${ratios[*]}"
+if ((${#MEMORY[@]})); then
+    echo
+    echo "memory: $BENCH_HOLD quiet WebSockets open through the proxy (VmRSS, KiB)"
+    printf '%-12s %10s %10s %12s\n' target before open bytes/socket
+    printf '%s\n' "${MEMORY[@]}"
+fi
 echo "results: ${BENCH_RESULTS_FILE#"$BENCH_REPO_DIR"/}"

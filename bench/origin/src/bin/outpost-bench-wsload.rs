@@ -1,12 +1,17 @@
 //! `outpost-bench-wsload`: a WebSocket load generator for `bench/websocket.sh`.
 //!
 //! Usage: `outpost-bench-wsload URL CONNECTIONS SECONDS MESSAGE_BYTES`
+//!        `outpost-bench-wsload --hold URL CONNECTIONS SECONDS`
 //!
 //! Opens `CONNECTIONS` WebSockets to `URL` (a `ws://` URL; the handshakes are done before the
 //! clock starts), then on each sends a binary message of `MESSAGE_BYTES` bytes, waits for it to
 //! come back (the bench origin echoes), checks it, and sends the next, for `SECONDS`. Prints one
 //! line: `round_trips N rate R p50_us P p99_us Q errors E`. A round trip is two messages
 //! through whatever is between client and origin, one each way.
+//!
+//! With `--hold`: opens `CONNECTIONS` WebSockets, makes one small round trip on each, prints
+//! `open N`, keeps them all open and quiet for `SECONDS`, then closes them (the memory a proxy
+//! keeps per open WebSocket, read by the caller meanwhile).
 //!
 //! wrk cannot speak WebSocket; this is the same idea (closed loop, fixed connection count, on a
 //! current-thread runtime pinned by the caller), written with tokio-tungstenite.
@@ -16,10 +21,24 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-const USAGE: &str = "usage: outpost-bench-wsload URL CONNECTIONS SECONDS MESSAGE_BYTES";
+const USAGE: &str = "usage: outpost-bench-wsload URL CONNECTIONS SECONDS MESSAGE_BYTES\n       outpost-bench-wsload --hold URL CONNECTIONS SECONDS";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, url, connections, seconds] = args.as_slice()
+        && flag == "--hold"
+    {
+        let connections: usize = connections
+            .parse()
+            .map_err(|e| format!("CONNECTIONS: {e}\n{USAGE}"))?;
+        let seconds: f64 = seconds
+            .parse()
+            .map_err(|e| format!("SECONDS: {e}\n{USAGE}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return runtime.block_on(hold(url.clone(), connections, Duration::from_secs_f64(seconds)));
+    }
     let [url, connections, seconds, bytes] = args.as_slice() else {
         return Err(USAGE.into());
     };
@@ -108,5 +127,29 @@ async fn run(
         pct(0.99),
         errors
     );
+    Ok(())
+}
+
+/// Opens `connections` WebSockets, one round trip each, then holds them open and quiet.
+async fn hold(
+    url: String,
+    connections: usize,
+    duration: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut sockets = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+        ws.send(Message::binary(vec![b'x'; 64])).await?;
+        match ws.next().await {
+            Some(Ok(Message::Binary(_))) => {}
+            other => return Err(format!("no echo: {other:?}").into()),
+        }
+        sockets.push(ws);
+    }
+    println!("open {}", sockets.len());
+    tokio::time::sleep(duration).await;
+    for mut ws in sockets {
+        let _ = ws.close(None).await;
+    }
     Ok(())
 }
