@@ -127,16 +127,9 @@ taskset -c "$BENCH_SERVER_CPU,$BENCH_ORIGIN_CPU,$BENCH_CLIENT_CPU" true 2>/dev/n
     bench_die "cores $BENCH_SERVER_CPU, $BENCH_ORIGIN_CPU and $BENCH_CLIENT_CPU are not all usable here (taskset)"
 
 # --- build -------------------------------------------------------------------------------
-target_dir=${CARGO_TARGET_DIR:-$BENCH_REPO_DIR/target}
-[[ $target_dir == /* ]] || target_dir=$BENCH_REPO_DIR/$target_dir
-packages=(-p outpost-bench-origin)
-[[ -n ${BENCH_OUTPOST_BIN:-} ]] || packages=(-p outpost "${packages[@]}")
-bench_log "building: cargo build --release ${packages[*]}"
-(cd "$BENCH_REPO_DIR" && cargo build --release "${packages[@]}") ||
-    bench_die "cargo build failed"
-origin_bin=$target_dir/release/outpost-bench-origin
-outpost_bin=${BENCH_OUTPOST_BIN:-$target_dir/release/outpost}
-[[ -x $origin_bin ]] || bench_die "no $origin_bin after the build"
+bench_build || bench_die "cargo build failed"
+origin_bin=$BENCH_BIN_DIR/outpost-bench-origin
+outpost_bin=$BENCH_OUTPOST
 
 bench_log "kernel $(uname -r), $(nproc) cores, CLK_TCK $(bench_clk_tck), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
 bench_log "pinning: outpost on core $BENCH_SERVER_CPU, origin on core $BENCH_ORIGIN_CPU, wrk on core $BENCH_CLIENT_CPU"

@@ -48,15 +48,10 @@ bench_init instructions
 bench_require_tools nginx curl valgrind callgrind_control ss awk taskset
 [[ $BENCH_LOAD == curl ]] || bench_require_tools wrk
 
-target_dir=${CARGO_TARGET_DIR:-$BENCH_REPO_DIR/target}
-[[ $target_dir == /* ]] || target_dir=$BENCH_REPO_DIR/$target_dir
-packages=(-p outpost-bench-origin)
-[[ -n ${BENCH_OUTPOST_BIN:-} ]] || packages=(-p outpost "${packages[@]}")
-bench_log "building: cargo build --release ${packages[*]}"
-(cd "$BENCH_REPO_DIR" && cargo build --release "${packages[@]}") || bench_die "cargo build failed"
-origin_bin=$target_dir/release/outpost-bench-origin
-outpost_bin=${BENCH_OUTPOST_BIN:-$target_dir/release/outpost}
-floor_bin=$target_dir/release/outpost-bench-floor
+bench_build || bench_die "cargo build failed"
+origin_bin=$BENCH_BIN_DIR/outpost-bench-origin
+outpost_bin=$BENCH_OUTPOST
+floor_bin=$BENCH_BIN_DIR/outpost-bench-floor
 
 origin_port=$(bench_free_port)
 bench_spawn origin "$origin_bin" "127.0.0.1:$origin_port" "$BENCH_BODY_BYTES"

@@ -226,6 +226,22 @@ bench_cpu_ticks() {
     echo "$total"
 }
 
+# bench_build [--no-outpost]: `cargo build --release` of outpost-bench-origin (the origin, the
+# hyper floor, the WebSocket load) and of outpost, unless BENCH_OUTPOST_BIN names an outpost
+# binary to measure (or --no-outpost). Sets BENCH_BIN_DIR (where the release binaries are, under
+# ${CARGO_TARGET_DIR:-target}) and BENCH_OUTPOST (the outpost binary to run). Returns 1 if the
+# build failed.
+bench_build() {
+    local target_dir=${CARGO_TARGET_DIR:-$BENCH_REPO_DIR/target} packages=(-p outpost-bench-origin)
+    [[ $target_dir == /* ]] || target_dir=$BENCH_REPO_DIR/$target_dir
+    [[ ${1:-} == --no-outpost || -n ${BENCH_OUTPOST_BIN:-} ]] || packages=(-p outpost "${packages[@]}")
+    bench_log "building: cargo build --release ${packages[*]}"
+    (cd "$BENCH_REPO_DIR" && cargo build --release "${packages[@]}") || return 1
+    BENCH_BIN_DIR=$target_dir/release
+    BENCH_OUTPOST=${BENCH_OUTPOST_BIN:-$BENCH_BIN_DIR/outpost}
+    [[ -x $BENCH_BIN_DIR/outpost-bench-origin ]] || bench_die "no $BENCH_BIN_DIR/outpost-bench-origin after the build"
+}
+
 # bench_spawn LOGNAME CMD...: starts CMD in the background, output to $BENCH_TMP/LOGNAME.log,
 # registered to be stopped on exit. Sets BENCH_LAST_PID (the PID of CMD itself: taskset and
 # exec replace themselves, so `bench_spawn x taskset -c 0 server` gives the server's PID).

@@ -45,17 +45,13 @@ taskset -c "$BENCH_SERVER_CPU,$BENCH_ORIGIN_CPU,$BENCH_CLIENT_CPU" true 2>/dev/n
     bench_die "cores $BENCH_SERVER_CPU, $BENCH_ORIGIN_CPU and $BENCH_CLIENT_CPU are not all usable here (taskset)"
 
 # --- build -------------------------------------------------------------------------------
-target_dir=${CARGO_TARGET_DIR:-$BENCH_REPO_DIR/target}
-[[ $target_dir == /* ]] || target_dir=$BENCH_REPO_DIR/$target_dir
-packages=(-p outpost-bench-origin)
-[[ $BENCH_SKIP_OUTPOST == 1 || -n ${BENCH_OUTPOST_BIN:-} ]] || packages=(-p outpost "${packages[@]}")
-bench_log "building: cargo build --release ${packages[*]}"
-(cd "$BENCH_REPO_DIR" && cargo build --release "${packages[@]}") ||
+build_args=()
+[[ $BENCH_SKIP_OUTPOST != 1 ]] || build_args=(--no-outpost)
+bench_build "${build_args[@]}" ||
     bench_die "cargo build failed (BENCH_SKIP_OUTPOST=1 builds and measures without outpost)"
-origin_bin=$target_dir/release/outpost-bench-origin
-floor_bin=$target_dir/release/outpost-bench-floor
-outpost_bin=${BENCH_OUTPOST_BIN:-$target_dir/release/outpost}
-[[ -x $origin_bin ]] || bench_die "no $origin_bin after the build"
+origin_bin=$BENCH_BIN_DIR/outpost-bench-origin
+floor_bin=$BENCH_BIN_DIR/outpost-bench-floor
+outpost_bin=$BENCH_OUTPOST
 
 # Checks that URL answers 200 with the origin's body, so that a proxy answering something
 # else (an error page, say) is not what gets measured.

@@ -41,15 +41,10 @@ warmup=${BENCH_WARMUP%s}
 bench_init websocket
 bench_require_tools nginx curl taskset getconf pgrep awk
 
-target_dir=${CARGO_TARGET_DIR:-$BENCH_REPO_DIR/target}
-[[ $target_dir == /* ]] || target_dir=$BENCH_REPO_DIR/$target_dir
-packages=(-p outpost-bench-origin)
-[[ -n ${BENCH_OUTPOST_BIN:-} ]] || packages=(-p outpost "${packages[@]}")
-bench_log "building: cargo build --release ${packages[*]}"
-(cd "$BENCH_REPO_DIR" && cargo build --release "${packages[@]}") || bench_die "cargo build failed"
-origin_bin=$target_dir/release/outpost-bench-origin
-load_bin=$target_dir/release/outpost-bench-wsload
-outpost_bin=${BENCH_OUTPOST_BIN:-$target_dir/release/outpost}
+bench_build || bench_die "cargo build failed"
+origin_bin=$BENCH_BIN_DIR/outpost-bench-origin
+load_bin=$BENCH_BIN_DIR/outpost-bench-wsload
+outpost_bin=$BENCH_OUTPOST
 clk=$(bench_clk_tck)
 
 # --- origin ------------------------------------------------------------------------------

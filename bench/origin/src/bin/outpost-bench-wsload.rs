@@ -25,41 +25,31 @@ const USAGE: &str = "usage: outpost-bench-wsload URL CONNECTIONS SECONDS MESSAGE
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [flag, url, connections, seconds] = args.as_slice()
-        && flag == "--hold"
-    {
-        let connections: usize = connections
-            .parse()
-            .map_err(|e| format!("CONNECTIONS: {e}\n{USAGE}"))?;
-        let seconds: f64 = seconds
-            .parse()
-            .map_err(|e| format!("SECONDS: {e}\n{USAGE}"))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        return runtime.block_on(hold(url.clone(), connections, Duration::from_secs_f64(seconds)));
-    }
-    let [url, connections, seconds, bytes] = args.as_slice() else {
-        return Err(USAGE.into());
-    };
-    let connections: usize = connections
-        .parse()
-        .map_err(|e| format!("CONNECTIONS: {e}\n{USAGE}"))?;
-    let seconds: f64 = seconds
-        .parse()
-        .map_err(|e| format!("SECONDS: {e}\n{USAGE}"))?;
-    let bytes: usize = bytes
-        .parse()
-        .map_err(|e| format!("MESSAGE_BYTES: {e}\n{USAGE}"))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(
-        url.clone(),
-        connections,
-        Duration::from_secs_f64(seconds),
-        bytes,
-    ))
+    match args.as_slice() {
+        [flag, url, connections, seconds] if flag == "--hold" => runtime.block_on(hold(
+            url.clone(),
+            arg(connections, "CONNECTIONS")?,
+            Duration::from_secs_f64(arg(seconds, "SECONDS")?),
+        )),
+        [url, connections, seconds, bytes] => runtime.block_on(run(
+            url.clone(),
+            arg(connections, "CONNECTIONS")?,
+            Duration::from_secs_f64(arg(seconds, "SECONDS")?),
+            arg(bytes, "MESSAGE_BYTES")?,
+        )),
+        _ => Err(USAGE.into()),
+    }
+}
+
+/// Parses the argument `name`, or says which and why.
+fn arg<T: std::str::FromStr>(value: &str, name: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|e| format!("{name}: {e}\n{USAGE}"))
 }
 
 async fn run(

@@ -58,6 +58,16 @@ async fn next(ws: &mut Socket) -> Message {
     }
 }
 
+/// A WebSocket handshake's bytes for `path`, offering `upgrade`, with `extra` header lines
+/// (each ending in CRLF) before the blank line.
+fn handshake(path: &str, upgrade: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}
+
 /// Waits (20 s at most, `what` otherwise) for the socket to end with no more data: the node
 /// closed the connection (it sends no close frame of its own: it carries WebSocket, it does not
 /// speak it).
@@ -192,11 +202,12 @@ async fn upgrades_other_than_websocket_are_answered_as_plain_requests() {
         let mut s = tokio::net::TcpStream::connect(node.addr)
             .await
             .expect("connect");
-        s.write_all(
-            b"GET /ws/echo HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade, HTTP2-Settings\r\n\
-              Upgrade: h2c, websocket\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
+        // `Connection` also names HTTP2-Settings, as an h2c upgrade would.
+        s.write_all(&handshake(
+            "/ws/echo",
+            "h2c, websocket",
+            "Connection: HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        ))
         .await
         .expect("write");
         let mut got = Vec::new();
@@ -225,9 +236,7 @@ async fn upgrades_other_than_websocket_are_answered_as_plain_requests() {
     let (_origin, node) = node_with("", "websocket = false").await;
     let raw = raw_exchange(
         node.addr,
-        b"GET /echo/ws HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-          Connection: close\r\n\r\n",
+        &handshake("/echo/ws", "websocket", "Connection: close\r\n"),
         Duration::from_secs(10),
     )
     .await;
@@ -244,9 +253,7 @@ async fn upgrades_other_than_websocket_are_answered_as_plain_requests() {
     .await;
     let raw = raw_exchange(
         node.addr,
-        b"GET /ws/echo HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-          Connection: close\r\n\r\n",
+        &handshake("/ws/echo", "websocket", "Connection: close\r\n"),
         Duration::from_secs(10),
     )
     .await;
@@ -290,12 +297,9 @@ async fn a_handshake_whose_client_is_gone_holds_nothing() {
             .await
             .expect("connect");
         // One byte past the handshake keeps hyper from watching for the close; then a reset.
-        s.write_all(
-            b"GET /ws/echo HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nx",
-        )
-        .await
-        .expect("write");
+        s.write_all(&[handshake("/ws/echo", "websocket", "").as_slice(), b"x"].concat())
+            .await
+            .expect("write");
         s.set_zero_linger().expect("linger");
         drop(s);
     }
