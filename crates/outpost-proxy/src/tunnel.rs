@@ -118,30 +118,51 @@ pub async fn join(
     drop(read_ahead);
     let started = Instant::now();
     let last = AtomicU64::new(0);
-    let mut client = Active {
+    let (mut client_rx, mut client_tx) = tokio::io::split(Active {
         io: client,
         last: &last,
         started,
         read: 0,
-    };
-    let mut origin = Active {
+    });
+    let (mut origin_rx, mut origin_tx) = tokio::io::split(Active {
         io: origin,
         last: &last,
         started,
         read: 0,
+    });
+    // The first side to end ends the tunnel, once what it sent is passed on (as nginx does):
+    // WebSocket has no half-close (its closing handshake comes first), and a side left open
+    // after the other closed would hold the tunnel, and a connection permit, until the idle
+    // timeout.
+    let up = async {
+        let copied = tokio::io::copy(&mut client_rx, &mut origin_tx).await;
+        let _ = origin_tx.shutdown().await;
+        copied
+    };
+    let down = async {
+        let copied = tokio::io::copy(&mut origin_rx, &mut client_tx).await;
+        let _ = client_tx.shutdown().await;
+        copied
     };
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut origin) => match copied {
-            Ok(_) => tracing::debug!("Tunnel closed."),
-            Err(e) => tracing::debug!(error = %e, "Tunnel broken."),
-        },
+        copied = up => log_end("client", copied),
+        copied = down => log_end("origin", copied),
         () = silence(&last, started, idle) => {
             tracing::debug!(idle_secs = idle.as_secs_f64(), "Tunnel closed: idle.");
         }
     }
-    // What each side sent, however the tunnel ended (a read byte may not have been delivered
+    // What each side sent, however the tunnel ended (a byte read may not have been delivered
     // when it broke).
+    let client = client_rx.unsplit(client_tx);
+    let origin = origin_rx.unsplit(origin_tx);
     metrics.websocket_bytes(client.read, origin.read + sent_ahead);
+}
+
+fn log_end(side: &str, copied: std::io::Result<u64>) {
+    match copied {
+        Ok(_) => tracing::debug!(side, "Tunnel closed by one side."),
+        Err(e) => tracing::debug!(side, error = %e, "Tunnel broken."),
+    }
 }
 
 /// Returns once nothing has moved through the tunnel for `idle` (`last`: milliseconds after

@@ -131,21 +131,21 @@ async fn websocket_frames_go_both_ways_through_the_edge() {
         Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::from(4000)),
         other => panic!("expected the origin's close, got {other:?}"),
     }
-    // The client's half of the closing handshake goes out as the stream is polled to its end;
-    // then the client closes its side too (the tunnel carries each direction until its own end).
+    // The client's half of the closing handshake goes out as the stream is polled to its end:
+    // the origin then closes, and the tunnel with it, though the client keeps its socket.
     tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await
     .expect("the connection ends after the closing handshake");
-    drop(ws);
 
     // The switch is counted under the route, as a 1xx, when the 101 went out.
     let switches = node
         .metric(r#"outpost_http_requests_total{route="api",status_class="1xx"}"#)
         .await;
     assert_eq!(switches, 1.0);
-    // Closed: no longer open, and what it carried is counted, each way.
+    // Closed: no longer open (the client still holds its socket), and what it carried is
+    // counted, each way.
     eventually(
         "the WebSocket counted closed",
         Duration::from_secs(10),
@@ -160,6 +160,7 @@ async fn websocket_frames_go_both_ways_through_the_edge() {
             .await;
         assert!(bytes > 300_000.0, "{direction}: {bytes}");
     }
+    drop(ws);
 }
 
 #[tokio::test(flavor = "multi_thread")]
