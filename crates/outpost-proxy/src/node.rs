@@ -465,7 +465,13 @@ impl Snapshot {
                 group,
                 prefix: r.path_prefix.clone(),
                 strip_prefix: r.strip_prefix,
-                websocket: r.websocket,
+                // An HTTP/2 origin cannot take an HTTP/1.1 upgrade (its client would strip the
+                // fields, with a warning per request): handshakes are plain requests there.
+                websocket: r.websocket
+                    && config
+                        .origins
+                        .get(&r.origin)
+                        .is_some_and(|o| o.protocol == outpost_config::OriginProtocol::Http1),
                 max_body: r
                     .max_body_bytes
                     .unwrap_or(config.server.max_body_bytes)

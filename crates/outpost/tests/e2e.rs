@@ -1081,6 +1081,17 @@ async fn origins_configured_for_h2_get_http2() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.text().await.expect("body"), "HTTP/2.0 /h2/check");
     }
+    // A WebSocket handshake cannot cross to an HTTP/2 origin: it is answered as a plain GET.
+    let raw = raw_exchange(
+        node.addr,
+        b"GET /h2/ws HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Connection: close\r\n\r\n",
+        SECS(10),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200 "), "{raw}");
+    assert!(raw.ends_with("HTTP/2.0 /h2/ws"), "{raw}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
