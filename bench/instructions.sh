@@ -110,11 +110,7 @@ bench_stop "$nginx_pid"
 # --- outpost -----------------------------------------------------------------------------
 proxy_port=$(bench_free_port)
 admin_port=$(bench_free_port)
-{
-    bench_outpost_head "$proxy_port" "$admin_port"
-    bench_outpost_origin "$origin_port"
-    bench_outpost_route
-} >"$BENCH_TMP/outpost.toml"
+bench_outpost_passthrough "$proxy_port" "$admin_port" "$origin_port" >"$BENCH_TMP/outpost.toml"
 bench_spawn outpost "${callgrind[@]}" "--callgrind-out-file=$BENCH_TMP/outpost.cg.%p" \
     "$outpost_bin" serve --config "$BENCH_TMP/outpost.toml"
 outpost_pid=$BENCH_LAST_PID

@@ -626,6 +626,14 @@ origin = "bench"
 EOF
 }
 
+# bench_outpost_passthrough PROXY_PORT ADMIN_PORT ORIGIN_PORT: a whole outpost.toml for the
+# pass-through benchmarks: bench_outpost_head, the origin group `bench`, the route `bench`.
+bench_outpost_passthrough() {
+    bench_outpost_head "$1" "$2"
+    bench_outpost_origin "$3"
+    bench_outpost_route
+}
+
 # bench_check_fail MESSAGE: records a failed check (printed at the end by the script; it exits 1).
 BENCH_CHECK_FAILURES=()
 bench_check_fail() {

@@ -120,11 +120,7 @@ else
     admin_port=$(bench_free_port)
     outpost_url="http://127.0.0.1:$proxy_port/"
     outpost_config=$BENCH_TMP/outpost.toml
-    {
-        bench_outpost_head "$proxy_port" "$admin_port"
-        bench_outpost_origin "$origin_port"
-        bench_outpost_route
-    } >"$outpost_config"
+    bench_outpost_passthrough "$proxy_port" "$admin_port" "$origin_port" >"$outpost_config"
     # Pinned to one core: tokio sizes its worker pool from the affinity mask, so 1 worker.
     bench_spawn outpost taskset -c "$BENCH_SERVER_CPU" "$outpost_bin" serve --config "$outpost_config"
     outpost_pid=$BENCH_LAST_PID

@@ -90,11 +90,7 @@ mapfile -t nginx_workers < <(bench_children "$nginx_pid")
 # --- outpost -----------------------------------------------------------------------------
 proxy_port=$(bench_free_port)
 admin_port=$(bench_free_port)
-{
-    bench_outpost_head "$proxy_port" "$admin_port"
-    bench_outpost_origin "$origin_port"
-    bench_outpost_route
-} >"$BENCH_TMP/outpost.toml"
+bench_outpost_passthrough "$proxy_port" "$admin_port" "$origin_port" >"$BENCH_TMP/outpost.toml"
 bench_spawn outpost taskset -c "$BENCH_SERVER_CPU" "$outpost_bin" serve --config "$BENCH_TMP/outpost.toml"
 outpost_pid=$BENCH_LAST_PID
 bench_wait_http "http://127.0.0.1:$admin_port/readyz" 20 "$outpost_pid" || {
