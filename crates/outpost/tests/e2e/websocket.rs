@@ -51,13 +51,6 @@ async fn open(node: &Node) -> (Socket, HeaderMap, Value) {
     (ws, resp.headers().clone(), hello)
 }
 
-async fn next(ws: &mut Socket) -> Message {
-    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-        Ok(Some(Ok(m))) => m,
-        other => panic!("expected a message, got {other:?}"),
-    }
-}
-
 /// A WebSocket handshake's bytes for `path`, offering `upgrade`, with `extra` header lines
 /// (each ending in CRLF) before the blank line.
 fn handshake(path: &str, upgrade: &str, extra: &str) -> Vec<u8> {
@@ -316,4 +309,69 @@ async fn a_handshake_whose_client_is_gone_holds_nothing() {
         || async { node.metric("outpost_http_active_connections ").await == 0.0 },
     )
     .await;
+}
+
+/// `wss://`: the same tunnel under the node's TLS listener (the client speaks TLS to the node,
+/// the node plain HTTP/1.1 to the origin).
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_over_tls() {
+    let origin = Origin::echo("us-west").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).expect("write");
+    std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).expect("write");
+    let config = NodeConfig::new()
+        .listeners(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n",
+        )
+        .origin("api", &[(&origin, PORTLAND)], "")
+        .route("api", "/", "api", "");
+    let node = Node::start_in(dir, &config.render()).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(cert.cert.der().clone())
+        .expect("trust the test certificate");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(node.addr)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let url = format!("wss://localhost:{}/ws/echo", node.addr.port());
+    let (mut ws, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(url, stream),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake");
+    assert_eq!(resp.headers()["x-served-by"], "test-node");
+    let hello: Value = match next(&mut ws).await {
+        Message::Text(t) => serde_json::from_str(t.as_str()).expect("json"),
+        other => panic!("expected the origin's hello, got {other:?}"),
+    };
+    assert_eq!(echoed(&hello, "x-forwarded-proto"), ["https"]);
+    ws.send(Message::text("over TLS")).await.expect("send");
+    assert_eq!(next(&mut ws).await, Message::text("over TLS"));
+}
+
+/// The next message on a WebSocket stream, plain or TLS (10 s at most).
+async fn next<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        Ok(Some(Ok(m))) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
 }
