@@ -712,11 +712,8 @@ async fn hostile_and_malformed_requests_get_clean_errors() {
 async fn http2_cleartext_and_tls_with_alpn() {
     let origin = Origin::echo("us-west").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).expect("write");
-    std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).expect("write");
-    let config = NodeConfig::new()
-        .listeners("[[listeners]]\naddr = \"127.0.0.1:0\"\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n")
+    let (config, _) = tls_listener(dir.path());
+    let config = config
         .origin("api", &[(&origin, PORTLAND)], "")
         .route("api", "/", "api", "");
     let node = Node::start_in(dir, &config.render()).await;

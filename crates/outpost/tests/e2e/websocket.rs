@@ -317,20 +317,15 @@ async fn a_handshake_whose_client_is_gone_holds_nothing() {
 async fn websocket_over_tls() {
     let origin = Origin::echo("us-west").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).expect("write");
-    std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).expect("write");
-    let config = NodeConfig::new()
-        .listeners(
-            "[[listeners]]\naddr = \"127.0.0.1:0\"\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n",
-        )
+    let (config, der) = tls_listener(dir.path());
+    let config = config
         .origin("api", &[(&origin, PORTLAND)], "")
         .route("api", "/", "api", "");
     let node = Node::start_in(dir, &config.render()).await;
 
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(cert.cert.der().clone())
+        .add(rustls::pki_types::CertificateDer::from(der))
         .expect("trust the test certificate");
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)

@@ -485,6 +485,19 @@ impl NodeConfig {
     }
 }
 
+/// A node config whose one listener serves TLS with a fresh self-signed certificate for
+/// `localhost`, written as `cert.pem`/`key.pem` into `dir` (start the node with
+/// [`Node::start_in`] on that dir); with the certificate's DER, for clients to trust.
+pub fn tls_listener(dir: &Path) -> (NodeConfig, Vec<u8>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    std::fs::write(dir.join("cert.pem"), cert.cert.pem()).expect("write cert.pem");
+    std::fs::write(dir.join("key.pem"), cert.key_pair.serialize_pem()).expect("write key.pem");
+    let config = NodeConfig::new().listeners(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n",
+    );
+    (config, cert.cert.der().to_vec())
+}
+
 /// A running `outpost serve` process.
 pub struct Node {
     child: Option<Child>,
